@@ -1,0 +1,77 @@
+"""Tiny float64 models and data for exact library tests (importable by spawned workers)."""
+import torch
+from torch import nn
+
+
+def tiny_mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+class TinyCNN(nn.Module):
+    """conv -> BatchNorm (eval, non-trivial running stats) -> tanh -> pool -> linear."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.fc = nn.Linear(3 * 2 * 2, 3)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+            self.bn.weight.uniform_(0.5, 1.5)
+            self.bn.bias.uniform_(-0.2, 0.2)
+        self.double()
+
+    def forward(self, x):
+        x = torch.tanh(self.bn(self.conv(x)))
+        x = nn.functional.avg_pool2d(x, 2)
+        return self.fc(x.flatten(1))
+
+
+def tiny_data(kind, n=23, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "mlp":
+        x = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    else:
+        x = torch.randn(n, 2, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return x, y
+
+
+def split_uneven(x, y, sizes):
+    """Cut (x, y) into consecutive mini-batches of the given sizes."""
+    assert sum(sizes) == len(y)
+    out, i = [], 0
+    for s in sizes:
+        out.append((x[i:i + s], y[i:i + s]))
+        i += s
+    return out
+
+
+SIZES = [7, 1, 5, 10]  # 23 samples, deliberately unequal
+
+
+def make(kind):
+    model = tiny_mlp() if kind == "mlp" else TinyCNN()
+    x, y = tiny_data(kind)
+    return model, x, y
+
+
+def dense_hessian(model, criterion, x, y):
+    """Exact Hessian of the mean loss on (x, y) w.r.t. the flattened trainable parameters."""
+    from torch.func import functional_call, hessian
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    shapes = [p.shape for n, p in model.named_parameters() if p.requires_grad]
+    numels = [s.numel() for s in shapes]
+    theta = torch.cat([p.detach().reshape(-1) for n, p in model.named_parameters()
+                       if p.requires_grad])
+    model.eval()
+
+    def loss(flat):
+        ps = {n: t.view(s) for n, t, s in zip(names, torch.split(flat, numels), shapes)}
+        return criterion(functional_call(model, ps, (x,), strict=False), y)
+
+    return hessian(loss)(theta)
