@@ -1,0 +1,229 @@
+"""Checkpoints: our format round trip, the original's plain state_dicts, and clear errors."""
+import io
+import os
+
+import pytest
+import torch
+
+import utils
+from models import resnet
+
+VARIANTS = [(True, True), (True, False), (False, True), (False, False)]
+
+
+def save_plain(model, path, prefix="module."):
+    torch.save({prefix + k: v for k, v in model.state_dict().items()}, path)
+
+
+def perturbed(model):
+    """Give BN buffers non-default values so a round trip that drops them would show."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if buf.is_floating_point():
+                buf.add_(torch.rand(buf.shape, generator=g))
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def same_outputs(a, b):
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return torch.equal(a.eval()(x), b.eval()(x))
+
+
+@pytest.mark.parametrize("batch_norm,residual", VARIANTS)
+@pytest.mark.parametrize("prefix", ["module.", ""])
+def test_original_format_infers_architecture(tmp_path, batch_norm, residual, prefix):
+    model = perturbed(resnet(20, batch_norm=batch_norm, residual=residual))
+    path = tmp_path / "net.pkl"
+    save_plain(model, path, prefix)
+    loaded, meta = utils.load_checkpoint(path)
+    assert meta["arch"] == {"name": "resnet", "depth": 20, "batch_norm": batch_norm,
+                            "residual": residual, "num_classes": 10}
+    assert meta["source"] == "original-state-dict"
+    assert meta["dataset"] is None and meta["normalization"] is None and meta["epoch"] is None
+    assert meta["path"] == str(path)
+    assert (loaded.batch_norm, loaded.residual, loaded.depth) == (batch_norm, residual, 20)
+    assert not loaded.training
+    assert same_outputs(model, loaded)
+
+
+@pytest.mark.parametrize("depth,num_classes", [(32, 10), (8, 100)])
+def test_original_format_infers_depth_and_classes(tmp_path, depth, num_classes):
+    path = tmp_path / "net.pkl"
+    save_plain(resnet(depth, num_classes=num_classes), path)
+    loaded, meta = utils.load_checkpoint(path)
+    assert meta["arch"]["depth"] == depth and meta["arch"]["num_classes"] == num_classes
+    assert utils.count_parameters(loaded) == utils.count_parameters(resnet(depth, num_classes=num_classes))
+
+
+def test_real_original_checkpoint(original_net_path):
+    raw = torch.load(original_net_path, map_location="cpu", weights_only=True)
+    assert len(raw) == 128 and all(k.startswith("module.") for k in raw)
+    model, meta = utils.load_checkpoint(original_net_path)
+    assert meta["arch"] == {"name": "resnet", "depth": 20, "batch_norm": True, "residual": True, "num_classes": 10}
+    assert meta["source"] == "original-state-dict"
+    assert utils.count_parameters(model) == 272_474
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, raw["module." + k])
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (8, 10) and torch.isfinite(out).all()
+    # consistent explicit flags are fine, contradicting ones are not
+    utils.load_checkpoint(original_net_path, batch_norm=True, residual=True)
+    with pytest.raises(utils.CheckpointError, match="--no-residual"):
+        utils.load_checkpoint(original_net_path, residual=False)
+
+
+def test_our_format_round_trip(tmp_path):
+    model = perturbed(resnet(8, num_classes=7, batch_norm=True, residual=False))
+    path = tmp_path / "sub" / "dir" / "ck.pkl"  # parents are created
+    args = {"lr": 0.1, "lr_decay_epoch": (80, 120), "saving_folder": tmp_path, "cuda": False}
+    norm = {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
+    utils.save_checkpoint(path, model, dataset="synthetic", normalization=norm, epoch=3,
+                          test_accuracy=81.5, args=args)
+    raw = torch.load(path, weights_only=True)  # only plain types inside
+    assert raw["format"] == "pyhessian-dist-checkpoint" and raw["format_version"] == 1
+    assert raw["args"]["lr_decay_epoch"] == [80, 120] and raw["args"]["saving_folder"] == str(tmp_path)
+    assert raw["torch_version"] == torch.__version__
+    assert not any(k.startswith("module.") for k in raw["state_dict"])
+    loaded, meta = utils.load_checkpoint(path)
+    assert meta["arch"] == {"name": "resnet", "depth": 8, "batch_norm": True, "residual": False, "num_classes": 7}
+    assert meta["source"] == "pyhessian-dist"
+    assert (meta["dataset"], meta["normalization"], meta["epoch"], meta["test_accuracy"]) == ("synthetic", norm, 3, 81.5)
+    assert same_outputs(model, loaded)
+    assert not [f for f in os.listdir(path.parent) if f != "ck.pkl"]  # no temp files left
+
+
+def test_save_unwraps_dataparallel(tmp_path):
+    model = resnet(8)
+    utils.save_checkpoint(tmp_path / "ck.pkl", torch.nn.DataParallel(model), dataset="synthetic",
+                          normalization=None, epoch=1, test_accuracy=None, args={})
+    raw = torch.load(tmp_path / "ck.pkl", weights_only=True)
+    assert "conv1.weight" in raw["state_dict"]
+
+
+@pytest.mark.parametrize("flag,value,expected", [
+    ("batch_norm", False, "--no-batch-norm was given; drop the flag or pass --batch-norm"),
+    ("residual", False, "--no-residual was given; drop the flag or pass --residual"),
+])
+def test_contradicting_flags_our_format(tmp_path, flag, value, expected):
+    path = tmp_path / "ck.pkl"
+    utils.save_checkpoint(path, resnet(8), dataset="synthetic", normalization=None, epoch=1,
+                          test_accuracy=50.0, args={})
+    with pytest.raises(utils.CheckpointError) as info:
+        utils.load_checkpoint(path, **{flag: value})
+    msg = str(info.value)
+    assert f"trained with {flag}=True" in msg and expected in msg and str(path) in msg
+
+
+def test_contradicting_flags_original_format(tmp_path):
+    path = tmp_path / "net.pkl"
+    save_plain(resnet(20, batch_norm=False, residual=False), path)
+    with pytest.raises(utils.CheckpointError, match="batch_norm=False but --batch-norm was given"):
+        utils.load_checkpoint(path, batch_norm=True)
+    with pytest.raises(utils.CheckpointError, match="residual=False but --residual was given"):
+        utils.load_checkpoint(path, residual=True)
+    utils.load_checkpoint(path, batch_norm=False, residual=False)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(utils.CheckpointError, match="checkpoint not found: .*nope.pkl"):
+        utils.load_checkpoint(tmp_path / "nope.pkl")
+    with pytest.raises(utils.CheckpointError, match="checkpoint not found"):
+        utils.load_checkpoint(tmp_path)  # a folder is not a checkpoint
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_truncated_file(tmp_path, legacy):
+    buf = io.BytesIO()
+    torch.save(resnet(8).state_dict(), buf, _use_new_zipfile_serialization=not legacy)
+    data = buf.getvalue()
+    path = tmp_path / "half.pkl"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(utils.CheckpointError) as info:
+        utils.load_checkpoint(path)
+    msg = str(info.value)
+    assert msg.startswith(f"cannot read checkpoint {path}: ") and "complete file" in msg and "\n" not in msg
+
+
+def test_truncated_real_original(tmp_path, original_net_path):
+    data = open(original_net_path, "rb").read()
+    path = tmp_path / "half.pkl"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(utils.CheckpointError, match="cannot read checkpoint"):
+        utils.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("content", [b"garbage" * 100, b"", b"\x80\x02}q\x00."])
+def test_garbage_file(tmp_path, content):
+    path = tmp_path / "garbage.pkl"
+    path.write_bytes(content)
+    with pytest.raises(utils.CheckpointError, match="cannot read checkpoint") as info:
+        utils.load_checkpoint(path)
+    assert "\n" not in str(info.value)
+
+
+def test_pickled_model_is_refused_not_executed(tmp_path):
+    path = tmp_path / "model.pkl"
+    torch.save(resnet(8), path)  # a whole pickled module: weights_only refuses it
+    with pytest.raises(utils.CheckpointError, match="weights_only"):
+        utils.load_checkpoint(path)
+
+
+def test_non_resnet_state_dict(tmp_path):
+    path = tmp_path / "mlp.pkl"
+    torch.save(torch.nn.Linear(3, 2).state_dict(), path)
+    with pytest.raises(utils.CheckpointError, match="not a CIFAR ResNet"):
+        utils.load_checkpoint(path)
+
+
+def test_state_dict_mismatch(tmp_path):
+    sd = resnet(20).state_dict()
+    del sd["layer2.1.conv1.weight"]
+    path = tmp_path / "broken.pkl"
+    torch.save(sd, path)
+    with pytest.raises(utils.CheckpointError, match="missing keys .*layer2.1.conv1.weight"):
+        utils.load_checkpoint(path)
+    sd = resnet(20).state_dict()
+    sd["fc.bias"] = torch.zeros(11)
+    torch.save(sd, path)
+    with pytest.raises(utils.CheckpointError, match="fc.bias has shape"):
+        utils.load_checkpoint(path)
+
+
+def test_newer_format_version(tmp_path):
+    path = tmp_path / "ck.pkl"
+    utils.save_checkpoint(path, resnet(8), dataset="synthetic", normalization=None, epoch=1,
+                          test_accuracy=None, args={})
+    obj = torch.load(path, weights_only=True)
+    obj["format_version"] = 99
+    torch.save(obj, path)
+    with pytest.raises(utils.CheckpointError, match="format_version 99"):
+        utils.load_checkpoint(path)
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "f.bin"
+    utils.atomic_write_bytes(path, b"old")
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        utils.atomic_write_bytes(path, b"new")
+    monkeypatch.undo()
+    assert path.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_save_to_unwritable_place_is_checkpoint_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"x")
+    with pytest.raises(utils.CheckpointError, match="cannot write checkpoint"):
+        utils.save_checkpoint(blocker / "ck.pkl", resnet(8), dataset="synthetic", normalization=None,
+                              epoch=1, test_accuracy=None, args={})
