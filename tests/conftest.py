@@ -3,6 +3,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -18,3 +19,19 @@ def original_net_path():
     if not os.path.isfile(ORIGINAL_NET):
         pytest.skip("../shared/fixtures/original-net.pkl is not available")
     return ORIGINAL_NET
+
+
+@pytest.fixture
+def single_thread():
+    """Run torch on one intra-op thread for the duration of a test.
+
+    The tests' models are tiny; on a small, shared CPU two OpenMP threads competing with
+    another busy process can be 10x slower than one, and one thread is what the
+    subprocess tests get through OMP_NUM_THREADS=1 as well.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -8,6 +8,8 @@ import torch
 import utils
 from models import resnet
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 VARIANTS = [(True, True), (True, False), (False, True), (False, False)]
 
 

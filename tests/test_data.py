@@ -9,6 +9,8 @@ import torch
 
 import utils
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 @pytest.fixture(scope="module")
 def synthetic():

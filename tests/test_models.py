@@ -4,6 +4,8 @@ import torch
 
 from models import ResNet, resnet
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 # Counts the original PyHessian reports for ResNet20 (see shared/DESIGN.md).
 COUNTS_DEPTH20 = {
     (True, True): 272_474,
