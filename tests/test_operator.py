@@ -12,11 +12,12 @@ CE = nn.CrossEntropyLoss()
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 @pytest.mark.parametrize("reuse_graph", [True, False])
 @pytest.mark.parametrize("hvp_mode", ["double_backward", "forward_over_reverse"])
-def test_matvec_equals_dense_hessian(kind, reuse_graph, hvp_mode):
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_matvec_equals_dense_hessian(kind, reuse_graph, hvp_mode, vectorize):
     model, x, y = make(kind)
     H = dense_hessian(model, CE, x, y)
     op = HessianOperator(model, CE, split_uneven(x, y, SIZES), reuse_graph=reuse_graph,
-                         hvp_mode=hvp_mode)
+                         hvp_mode=hvp_mode, vectorize=vectorize)
     assert op.dim == H.shape[0] and op.num_samples == 23
     g = torch.Generator().manual_seed(3)
     V = torch.randn(4, op.dim, generator=g, dtype=torch.float64)
