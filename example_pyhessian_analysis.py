@@ -106,8 +106,11 @@ def parse_args(argv=None):
     p.add_argument("--reuse-graph", choices=("auto", "on", "off"), default="auto",
                    help="keep first-order graphs across products (auto: when they fit in half "
                         "the free memory)")
-    p.add_argument("--hvp-mode", choices=HVP_MODES, default="double_backward",
-                   help="how a Hessian-vector product is computed")
+    p.add_argument("--hvp-mode", choices=("auto",) + HVP_MODES, default="auto",
+                   help="how a Hessian-vector product is computed (auto: time both at start-up "
+                        "and keep the faster)")
+    add_bool_flag(p, "tf32", False, "allow TF32 matmuls/convolutions on GPUs (faster on "
+                  "Ampere and later, ~1e-3 relative error per product; off keeps float32)")
     args = p.parse_args(argv)
     if not (args.eigenvalue or args.trace or args.density):
         p.error("nothing to compute: pass at least one of --eigenvalue, --trace, --density")
@@ -153,6 +156,9 @@ def run_analysis(args, launch: str):
     rank, world_size = get_rank(), get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = resolve_device(args.cuda, local_rank, warn=(rank == 0))
+    # PyTorch allows TF32 in cuDNN convolutions by default; HVPs keep full float32 unless asked
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
     t_start = time.perf_counter()
     model, meta = load_checkpoint(args.resume, batch_norm=args.batch_norm,
                                   residual=args.residual, map_location=device)
@@ -180,10 +186,13 @@ def run_analysis(args, launch: str):
            f"{torch.distributed.get_backend() if world_size > 1 else 'none'}, device "
            f"{device.type}{f' ({threads} threads/process)' if threads else ''}")
     print0(f"loss {op.loss():.6g} (mean cross-entropy on these samples), gradient norm "
-           f"{op.gradient().norm().item():.4g}; HVP {op.hvp_mode}, first-order graph "
-           f"{'reused' if op.reuse_graph else 'recomputed per product'}"
+           f"{op.gradient().norm().item():.4g}")
+    timings = op.mode_timings and ", ".join(f"{k} {v:.3g} s" for k, v in op.mode_timings.items())
+    print0(f"HVP: {op.hvp_mode}" + (f" (measured per product: {timings})" if timings else "")
+           + (f", first-order graph {'reused' if op.reuse_graph else 'recomputed per product'}"
+              if op.hvp_mode == "double_backward" else "")
            + (f" (~{op.graph_bytes_estimate / 2**20:.0f} MiB/rank)"
-              if op.graph_bytes_estimate else ""))
+              if op.reuse_graph and op.graph_bytes_estimate else ""))
     if num_batches < world_size:
         print0(f"warning: {num_batches} mini-batches for {world_size} ranks: "
                f"{world_size - num_batches} ranks hold no data; lower "

@@ -22,16 +22,18 @@ Dropout is off in eval mode too.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from .distributed import CommTimer, all_reduce_
+from .distributed import get_world_size as _world
 
 __all__ = ["HessianOperator", "HVP_MODES"]
 
-HVP_MODES = ("double_backward", "forward_over_reverse")
+HVP_MODES = ("double_backward", "forward_over_reverse")  # and "auto": measured at set-up
 
 
 def _available_memory_bytes(device: torch.device) -> int:
@@ -88,7 +90,8 @@ class HessianOperator:
             device memory, or of MemAvailable on CPU).
         hvp_mode: ``"double_backward"`` (Pearlmutter's trick through reverse mode twice) or
             ``"forward_over_reverse"`` (``torch.func.jvp`` of ``torch.func.grad``; no graph
-            reuse).
+            reuse), or ``"auto"``: time two products of each at set-up (timings summed over
+            ranks, so every rank picks the same) and keep the faster; see ``mode_timings``.
         vectorize: for a ``(k, dim)`` block, run one vmapped backward (``is_grads_batched``)
             instead of k backward passes over the shared graph. Off by default: on CPU it
             measured several times slower than the loop for a ResNet20.
@@ -102,8 +105,8 @@ class HessianOperator:
                  *, device: torch.device | str | None = None, reuse_graph: bool | str = "auto",
                  memory_budget_bytes: int | None = None, hvp_mode: str = "double_backward",
                  vectorize: bool = False):
-        if hvp_mode not in HVP_MODES:
-            raise ValueError(f"hvp_mode must be one of {HVP_MODES}, got {hvp_mode!r}")
+        if hvp_mode not in HVP_MODES + ("auto",):
+            raise ValueError(f"hvp_mode must be 'auto' or one of {HVP_MODES}, got {hvp_mode!r}")
         if reuse_graph not in (True, False, "auto"):
             raise ValueError("reuse_graph must be True, False or 'auto'")
         self.model = model.eval()
@@ -118,7 +121,8 @@ class HessianOperator:
         self.shapes = [p.shape for p in self.params]
         self.numels = [p.numel() for p in self.params]
         self.dim = sum(self.numels)
-        self.hvp_mode = hvp_mode
+        self.hvp_mode = "double_backward" if hvp_mode == "auto" else hvp_mode
+        self.mode_timings = None
         self.comm = CommTimer()
         self.num_matvecs = 0
         self.compute_seconds = 0.0
@@ -148,6 +152,8 @@ class HessianOperator:
         self.vectorize = bool(vectorize)
         self._batched_grads_ok = self.vectorize
         self._first_order_pass(reuse_graph)
+        if hvp_mode == "auto":
+            self._choose_mode()
 
     # ------------------------------------------------------------------ helpers
     def _to_device(self, x):
@@ -220,6 +226,29 @@ class HessianOperator:
         self._graphs = graphs if keep else None
         self.reuse_graph = keep
 
+    def _choose_mode(self) -> None:
+        """Time both HVP modes on the real data (second call of each counts) and keep the
+        faster. The timings are all-reduced so that all ranks take the same decision."""
+        v = torch.ones(self.dim, dtype=self.dtype, device=self.device)
+        seconds = torch.zeros(len(HVP_MODES), dtype=torch.float64, device=self.device)
+        for i, mode in enumerate(HVP_MODES):
+            self.hvp_mode = mode
+            for _ in range(2):
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                t0 = time.perf_counter()
+                self.matvec(v)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+            seconds[i] = time.perf_counter() - t0
+        all_reduce_(seconds)
+        self.hvp_mode = HVP_MODES[int(torch.argmin(seconds))]
+        self.mode_timings = dict(zip(HVP_MODES, (seconds / max(1, _world())).tolist()))
+        if self.hvp_mode != "double_backward":
+            self.release()
+        self.num_matvecs, self.compute_seconds = 0, 0.0
+        self.comm.seconds, self.comm.calls = 0.0, 0
+
     def gradient(self) -> torch.Tensor:
         """Flat gradient of the mean loss over all ranks' data (computed at construction)."""
         return self._gradient
@@ -269,9 +298,12 @@ class HessianOperator:
         def hvp(t):
             return jvp(grad_fn, (theta,), (t,))[1]
 
-        if V.dim() == 1:
-            return hvp(V)
-        return vmap(hvp)(V) if self.vectorize else torch.stack([hvp(v) for v in V])
+        with warnings.catch_warnings():
+            # torch's forward-AD decompositions still call torch.jit.script on first use
+            warnings.filterwarnings("ignore", message=".*torch.jit.script", category=FutureWarning)
+            if V.dim() == 1:
+                return hvp(V)
+            return vmap(hvp)(V) if self.vectorize else torch.stack([hvp(v) for v in V])
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """H v for a flat ``v`` of size ``dim``, or H V^T row-wise for a ``(k, dim)`` block.
@@ -316,4 +348,5 @@ class HessianOperator:
             "reuse_graph": self.reuse_graph,
             "graph_bytes_estimate": self.graph_bytes_estimate,
             "hvp_mode": self.hvp_mode,
+            "hvp_mode_timings_s": self.mode_timings,
         }

@@ -123,3 +123,14 @@ def test_bad_inputs_raise_clear_errors():
         op.matvec(torch.zeros(op.dim + 1, dtype=torch.float64))
     with pytest.raises(ValueError, match="hvp_mode"):
         HessianOperator(model, CE, [(x, y)], hvp_mode="magic")
+
+
+def test_auto_mode_picks_a_mode_and_stays_exact():
+    model, x, y = make("cnn")
+    H = dense_hessian(model, CE, x, y)
+    op = HessianOperator(model, CE, split_uneven(x, y, SIZES), hvp_mode="auto")
+    assert op.hvp_mode in ("double_backward", "forward_over_reverse")
+    assert set(op.mode_timings) == {"double_backward", "forward_over_reverse"}
+    assert op.num_matvecs == 0  # the timing products are not counted as work
+    v = torch.linspace(0, 1, op.dim, dtype=torch.float64)
+    torch.testing.assert_close(op.matvec(v), H @ v, rtol=1e-6, atol=1e-10)
