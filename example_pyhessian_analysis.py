@@ -12,7 +12,6 @@ Only rank 0 prints and writes files (results.json, example.pdf/.png, convergence
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -31,7 +30,8 @@ from pyhessian_dist import (HVP_MODES, HessianOperator, hutchinson_trace, hutchp
                             slq_density)
 from pyhessian_dist.distributed import (backend_for, cleanup, get_rank, get_world_size,
                                         launched_by_torchrun, print0, setup)
-from utils import (DATASETS, CheckpointError, DataError, add_bool_flag, atomic_write_bytes,
+from utils import (DATASETS, ArgumentParser, CheckpointError, DataError, HelpFormatter,
+                   add_bool_flag, atomic_write_bytes,
                    count_parameters, get_datasets, hessian_subset, load_checkpoint,
                    positive_float, positive_int, resolve_device)
 
@@ -39,26 +39,10 @@ FAIL_RANK_ENV = "PYHESSIAN_DIST_TEST_FAIL_RANK"  # test-only: this rank raises m
 
 
 # ---------------------------------------------------------------------------- command line
-class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows "(default: X)" where there is a default worth showing."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False):
-            return action.help
-        return super()._get_help_string(action)
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """Bad arguments end in one line naming the problem (not a screenful of usage)."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def parse_args(argv=None):
-    p = OneLineErrorParser(
+    p = ArgumentParser(
         description="Hessian analysis (top eigenvalues, trace, ESD) of a trained ResNet.",
-        formatter_class=DefaultsFormatter)
+        formatter_class=HelpFormatter)
     # the original's flags
     p.add_argument("--mini-hessian-batch-size", type=positive_int, default=200,
                    help="samples per mini-batch (per forward/backward pass)")

@@ -7,7 +7,6 @@ The flags and defaults of the original PyHessian training.py, plus --depth, --da
     python training.py --dataset synthetic --epochs 2 --no-cuda
     torchrun --nproc_per_node 2 training.py --dataset cifar10
 """
-import argparse
 import math
 import os
 import random
@@ -29,7 +28,7 @@ from models import resnet
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = utils.ArgumentParser(
         description="Train a CIFAR ResNet (depth 6n+2) with SGD and save a checkpoint "
         "for example_pyhessian_analysis.py.",
         formatter_class=utils.HelpFormatter,

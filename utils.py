@@ -695,13 +695,26 @@ def count_parameters(model):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows every flag's default and never wraps a line inside a --flag-name."""
+    """Shows each flag's default (where there is one worth showing: not None, not False for a
+    plain switch) and never wraps a line inside a --flag-name."""
+
+    def _get_help_string(self, action):
+        if action.default is None or (action.default is False and action.nargs == 0):
+            return action.help
+        return super()._get_help_string(action)
 
     def _split_lines(self, text, width):
         import textwrap
 
         text = self._whitespace_matcher.sub(" ", text).strip()
         return textwrap.wrap(text, width, break_on_hyphens=False)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: <what is wrong> (see --help)``, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def add_bool_flag(parser, name, default, help):
