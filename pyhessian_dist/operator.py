@@ -123,6 +123,7 @@ class HessianOperator:
         self.dim = sum(self.numels)
         self.hvp_mode = "double_backward" if hvp_mode == "auto" else hvp_mode
         self.mode_timings = None
+        self._theta = None
         self.comm = CommTimer()
         self.num_matvecs = 0
         self.compute_seconds = 0.0
@@ -293,7 +294,9 @@ class HessianOperator:
             return self.criterion(out, y) * w
 
         grad_fn = grad(loss_of)
-        theta = self.parameters_vector()
+        if self._theta is None:  # the point the Hessian is taken at, flattened once
+            self._theta = self.parameters_vector()
+        theta = self._theta
 
         def hvp(t):
             return jvp(grad_fn, (theta,), (t,))[1]
