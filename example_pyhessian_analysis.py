@@ -33,7 +33,7 @@ from pyhessian_dist.distributed import (backend_for, cleanup, get_rank, get_worl
 from utils import (DATASETS, ArgumentParser, CheckpointError, DataError, HelpFormatter,
                    add_bool_flag, atomic_write_bytes,
                    count_parameters, get_datasets, hessian_subset, load_checkpoint,
-                   positive_float, positive_int, resolve_device)
+                   positive_float, positive_int, resolve_device, shard_batches)
 
 FAIL_RANK_ENV = "PYHESSIAN_DIST_TEST_FAIL_RANK"  # test-only: this rank raises mid-analysis
 
@@ -119,19 +119,13 @@ def dataset_name(args, meta) -> str:
 
 
 def load_shard(args, meta, rank, world_size, device):
-    """This rank's mini-batches: the chosen samples, cut in order, dealt round-robin."""
+    """This rank's mini-batches of the Hessian samples (see utils.shard_batches)."""
     bundle = get_datasets(dataset_name(args, meta), args.data_dir,
                           normalization=meta.get("normalization"), download=(rank == 0))
     indices = hessian_subset(bundle.train_eval, args.hessian_batch_size, args.seed)
-    size = args.mini_hessian_batch_size
-    chunks = [indices[i:i + size] for i in range(0, len(indices), size)]
-    batches = []
-    for chunk in chunks[rank::world_size]:
-        items = [bundle.train_eval[i] for i in chunk]
-        x = torch.stack([im for im, _ in items]).to(device)
-        y = torch.tensor([int(t) for _, t in items], device=device)
-        batches.append((x, y))
-    return bundle, batches, len(chunks)
+    batches, num_batches = shard_batches(bundle.train_eval, indices,
+                                         args.mini_hessian_batch_size, rank, world_size, device)
+    return bundle, batches, num_batches
 
 
 # ---------------------------------------------------------------------------- analysis
@@ -168,7 +162,7 @@ def run_analysis(args, launch: str):
     threads = torch.get_num_threads() if device.type == "cpu" else None
     print0(f"world size {world_size} ({launch}), backend "
            f"{torch.distributed.get_backend() if world_size > 1 else 'none'}, device "
-           f"{device.type}{f' ({threads} threads/process)' if threads else ''}")
+           f"{device.type}{f' ({threads} thread(s)/process)' if threads else ''}")
     print0(f"loss {op.loss():.6g} (mean cross-entropy on these samples), gradient norm "
            f"{op.gradient().norm().item():.4g}")
     timings = op.mode_timings and ", ".join(f"{k} {v:.3g} s" for k, v in op.mode_timings.items())
@@ -273,8 +267,9 @@ def eigen(args, op, gen, common):
 
 def trace(args, op, gen, common):
     def progress(step):
+        se = step["stderr"]
         print0(f"  [trace] probe {step['matvecs']:3d}: {step['estimate']:.6g} ± "
-               f"{step['stderr']:.3g}")
+               + (f"{se:.3g}" if se == se else "n/a (one probe)"))
 
     if args.trace_method == "hutchinson":
         res = hutchinson_trace(op, op.dim, max_iter=args.max_iter, tol=args.tol, generator=gen,

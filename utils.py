@@ -387,6 +387,22 @@ def hessian_subset(dataset, num_samples, seed):
     return torch.randperm(n, generator=g)[:num_samples].tolist()
 
 
+def shard_batches(dataset, indices, mini_batch_size, rank=0, world_size=1, device="cpu"):
+    """This rank's Hessian mini-batches: ``indices`` cut in order into mini-batches of
+    ``mini_batch_size`` (the last may be smaller), dealt round-robin to ``world_size`` ranks, so
+    every world size covers exactly the same samples. Returns ``(batches, num_mini_batches)``
+    with ``batches`` a list of ``(x, y)`` tensors already on ``device`` (moved once, here).
+    """
+    chunks = [indices[i:i + mini_batch_size] for i in range(0, len(indices), mini_batch_size)]
+    batches = []
+    for chunk in chunks[rank::world_size]:
+        items = [dataset[i] for i in chunk]
+        x = torch.stack([image for image, _ in items]).to(device)
+        y = torch.tensor([int(target) for _, target in items], device=device)
+        batches.append((x, y))
+    return batches, len(chunks)
+
+
 # --------------------------------------------------------------------------------------
 # Devices
 # --------------------------------------------------------------------------------------
@@ -421,6 +437,9 @@ def atomic_write_bytes(path, data):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -30,7 +30,7 @@ from pyhessian_dist import (HessianOperator, hutchinson_trace, hutchpp_trace,  #
                             lanczos_top_eigenpairs, power_iteration_top_eigenpairs,
                             slq_density)
 from pyhessian_dist.distributed import cleanup, setup  # noqa: E402
-from utils import get_datasets, hessian_subset, load_checkpoint  # noqa: E402
+from utils import get_datasets, hessian_subset, load_checkpoint, shard_batches  # noqa: E402
 
 CE = nn.CrossEntropyLoss()
 
@@ -85,12 +85,7 @@ def load_batches(args, device, rank=0, world_size=1):
     bundle = get_datasets(args.dataset or meta.get("dataset") or "cifar10", args.data_dir,
                           normalization=meta.get("normalization"))
     idx = hessian_subset(bundle.train_eval, args.samples, 1)
-    chunks = [idx[i:i + args.mini_batch] for i in range(0, len(idx), args.mini_batch)]
-    batches = []
-    for chunk in chunks[rank::world_size]:
-        items = [bundle.train_eval[i] for i in chunk]
-        batches.append((torch.stack([a for a, _ in items]).to(device),
-                        torch.tensor([int(b) for _, b in items], device=device)))
+    batches, _ = shard_batches(bundle.train_eval, idx, args.mini_batch, rank, world_size, device)
     return model, batches
 
 
@@ -125,12 +120,11 @@ def bench_products(args, model, batches, device):
         out[f"hvp_{name}_s"] = t
         out[f"hvp_{name}_ratio"] = t / out["gradient_s"]
         for vec in (False, True):
-            op.vectorize = op._batched_grads_ok = vec
+            op.vectorize = vec
             V = torch.randn(args.block, op.dim, device=device)
             tb = timeit(lambda: op.matvec(V), device, 1)
             out[f"block{args.block}_{name}{'_vmap' if vec else ''}_vectors_per_s"] = args.block / tb
         out[f"single_{name}_vectors_per_s"] = 1 / t
-        del op
     return out
 
 

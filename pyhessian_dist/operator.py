@@ -150,8 +150,7 @@ class HessianOperator:
         self.memory_budget_bytes = int(memory_budget_bytes)
         self.graph_bytes_estimate = None
         self._graphs: list[torch.Tensor] | None = None
-        self.vectorize = bool(vectorize)
-        self._batched_grads_ok = self.vectorize
+        self.vectorize = vectorize
         self._first_order_pass(reuse_graph)
         if hvp_mode == "auto":
             self._choose_mode()
@@ -262,7 +261,7 @@ class HessianOperator:
     def _second_backward(self, g: torch.Tensor, V: torch.Tensor, retain: bool) -> torch.Tensor:
         """Rows of V times the Jacobian of g (= H_b V for g = grad L_b)."""
         batched = V.dim() == 2
-        if batched and self._batched_grads_ok:
+        if batched and self.vectorize:
             try:
                 out = torch.autograd.grad(g, self.params, grad_outputs=V, retain_graph=True,
                                           allow_unused=True, materialize_grads=True,
@@ -270,7 +269,7 @@ class HessianOperator:
                 return self.flatten(out, batched=True)
             except RuntimeError:
                 # some ops lack batching rules for their double backward: loop instead
-                self._batched_grads_ok = False
+                self.vectorize = False
         if batched:
             rows = [self._second_backward(g, V[i], retain=retain or i < len(V) - 1)
                     for i in range(len(V))]

@@ -180,3 +180,54 @@ def test_help_lists_every_flag_with_default():
     for default in ("default: 200", "default: 1)", "default: 127.0.0.1", "default: 29500",
                     "default: lanczos", "default: hutchinson", "default: 100", "default: ."):
         assert default in " ".join(text.split()), default
+
+
+def _children(pid):
+    """PIDs whose parent is pid (Linux /proc)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
+def test_ctrl_c_stops_every_worker(checkpoint, tmp_path):
+    import signal
+
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--resume", checkpoint, "--output-dir",
+                             str(tmp_path), "--device_count", "2", "--port", "0", *COMMON,
+                             "--max-iter", "100", "--tol", "1e-12"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # wait until the workers are computing
+            if "[eigenvalue]" in line:
+                break
+        workers = _children(proc.pid)
+        assert workers, "no worker processes found"
+        t0 = time.time()
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and "interrupted" in err
+        assert time.time() - t0 < 30
+        deadline = time.time() + 10
+        while any(_alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(w) for w in workers)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
