@@ -366,7 +366,11 @@ def main(argv=None):
         device = resolve_device(args.cuda, local_rank, warn=False)
         if args.cuda and device.type == "cuda":
             torch.cuda.set_device(device)
-        setup(backend_for(device, args.backend), device=device)
+        try:
+            backend = backend_for(device, args.backend)
+        except ValueError as exc:
+            fail(str(exc))
+        setup(backend, device=device)
         try:
             run_analysis(args, launch=f"torchrun, {os.environ.get('LOCAL_WORLD_SIZE', '?')} "
                                       "processes/node")

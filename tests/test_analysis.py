@@ -212,7 +212,9 @@ def test_ctrl_c_stops_every_worker(checkpoint, tmp_path):
     proc = subprocess.Popen([sys.executable, SCRIPT, "--resume", checkpoint, "--output-dir",
                              str(tmp_path), "--device_count", "2", "--port", "0", *COMMON,
                              "--max-iter", "100", "--tol", "1e-12"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a shell's background job inherits SIGINT ignored: restore it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in proc.stdout:  # wait until the workers are computing
             if "[eigenvalue]" in line:
