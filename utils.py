@@ -5,12 +5,12 @@ line), which is why it lives next to the scripts and not in the pyhessian_dist
 library.
 
 * data sets: ``get_datasets`` -> ``DataBundle`` (cifar10, cifar100, imagefolder,
-  synthetic), ``hessian_subset``;
+  synthetic), ``hessian_subset``, ``shard_batches`` (a rank's Hessian mini-batches);
 * checkpoints: ``save_checkpoint`` / ``load_checkpoint`` (our self-describing
   format and the original PyHessian's plain ``module.``-prefixed state_dicts),
   ``atomic_write_bytes`` / ``atomic_torch_save``;
 * devices: ``resolve_device``;
-* argparse helpers: ``add_bool_flag``, ``positive_int``, ``nonnegative_int``,
+* argparse helpers: ``ArgumentParser`` (one-line errors), ``HelpFormatter``, ``add_bool_flag``, ``positive_int``, ``nonnegative_int``,
   ``positive_float``, ``nonnegative_float``, ``resnet_depth``.
 
 Errors a user can fix are raised as ``DataError`` or ``CheckpointError`` with one
@@ -49,6 +49,7 @@ __all__ = [
     "get_datasets",
     "default_normalization",
     "hessian_subset",
+    "shard_batches",
     "resolve_device",
     "atomic_write_bytes",
     "atomic_torch_save",
@@ -57,6 +58,7 @@ __all__ = [
     "count_parameters",
     "unwrap_model",
     "HelpFormatter",
+    "ArgumentParser",
     "add_bool_flag",
     "positive_int",
     "nonnegative_int",
