@@ -282,8 +282,13 @@ def trace(args, op, gen, common):
 
 
 def density(args, op, gen, common):
+    def progress(step):
+        if step["step"] % 10 == 0 or step["step"] == step["steps"]:
+            print0(f"  [density] run {step['runs'][0]}/{args.n_v}: Lanczos step "
+                   f"{step['step']}/{step['steps']}")
+
     res = slq_density(op, op.dim, num_steps=args.lanczos_iter, num_runs=args.n_v,
-                      generator=gen, batched=True, **common)
+                      generator=gen, batched=True, callback=progress, **common)
     return {"method": "slq", "nodes": res.nodes, "weights": res.weights,
             "num_steps": res.num_steps, "num_runs": args.n_v, "num_matvecs": res.num_matvecs}
 

@@ -338,7 +338,8 @@ def hutchpp_trace(matvec: Matvec, dim: int, num_matvecs: int, *, dtype=None, dev
 # --------------------------------------------------------------------------- density
 def slq_density(matvec: Matvec, dim: int, *, num_steps: int = 100, num_runs: int = 1,
                 dtype=None, device=None, generator: torch.Generator | None = None,
-                batched: bool = False, runs_per_pass: int = 1) -> DensityResult:
+                batched: bool = False, runs_per_pass: int = 1,
+                callback: Callable[[dict], None] | None = None) -> DensityResult:
     """Stochastic Lanczos quadrature for the spectral density of A.
 
     Each of ``num_runs`` runs: m = min(num_steps, dim) Lanczos steps with full
@@ -346,6 +347,7 @@ def slq_density(matvec: Matvec, dim: int, *, num_steps: int = 100, num_runs: int
     eigh); nodes = theta, weights = S[0, :]^2 (they sum to 1). The density estimate is
     (1/num_runs) sum_runs sum_i weights_i delta(x - nodes_i); its first moment estimates
     tr(A)/dim. All runs are returned. ``runs_per_pass`` runs share each operator call.
+    ``callback`` gets ``{"runs": (first, last), "step", "steps", "matvecs"}`` after each step.
     """
     if num_runs < 1 or num_steps < 1:
         raise ValueError("num_runs and num_steps must be at least 1")
@@ -356,8 +358,12 @@ def slq_density(matvec: Matvec, dim: int, *, num_steps: int = 100, num_runs: int
     while done < num_runs:
         r = min(runs_per_pass, num_runs - done)
         V0 = rademacher((r, dim), generator, device)
-        *_, (m, alpha, beta, _Q, _broken) = lanczos_tridiagonal(matvec, V0, m, dtype=dtype,
-                                                       batched=batched, generator=generator)
+        for m, alpha, beta, _Q, _broken in lanczos_tridiagonal(matvec, V0, m, dtype=dtype,
+                                                               batched=batched,
+                                                               generator=generator):
+            if callback is not None:
+                callback({"runs": (done + 1, done + r), "step": m, "steps": min(num_steps, dim),
+                          "matvecs": done * min(num_steps, dim) + r * m})
         for i in range(r):
             theta, S = torch.linalg.eigh(_tridiagonal(alpha[i], beta[i], m))
             nodes.append(theta.tolist())

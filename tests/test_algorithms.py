@@ -146,7 +146,10 @@ def test_slq_weights_sum_to_one_and_first_moment_is_trace_over_dim():
 
 def test_slq_batched_runs_equal_sequential_runs():
     A = random_sym(25, seed=8)
-    a = slq_density(lambda v: v @ A, 25, num_steps=10, num_runs=3, generator=gen(1))
+    steps = []
+    a = slq_density(lambda v: v @ A, 25, num_steps=10, num_runs=3, generator=gen(1),
+                    callback=steps.append)
+    assert len(steps) == 30 and steps[-1]["matvecs"] == 30 and steps[-1]["runs"] == (3, 3)
     b = slq_density(lambda v: v @ A, 25, num_steps=10, num_runs=3, generator=gen(1),
                     batched=True, runs_per_pass=3)
     for x, y in zip(a.nodes, b.nodes):
