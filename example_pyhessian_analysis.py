@@ -103,6 +103,9 @@ def parse_args(argv=None):
                 f"--hessian-batch-size {args.hessian_batch_size}; make it at most that")
     if not 0 <= args.port <= 65535:
         p.error(f"--port must be between 0 and 65535, got {args.port}")
+    if args.eigenvalue and args.eigen_method == "lanczos" and args.top_n > args.max_iter:
+        p.error(f"--top-n {args.top_n} needs at least as many Lanczos steps: pass --max-iter "
+                f"{args.top_n} or more")
     if args.trace and args.trace_method == "hutchpp" and args.max_iter < 3:
         p.error("--trace-method hutchpp needs --max-iter 3 or more (its product budget)")
     return args

@@ -21,6 +21,7 @@ Dropout is off in eval mode too.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from typing import Callable, Iterable, Sequence
@@ -201,8 +202,8 @@ class HessianOperator:
         graphs = []
         for b in range(len(self.batches)):
             if keep:
-                counter = _SavedBytes()
-                with counter.hooks():
+                counter = _SavedBytes()  # measured on the first mini-batch only
+                with counter.hooks() if b == 0 else contextlib.nullcontext():
                     loss = self._forward_loss(b)
                     g = self._grad(loss, create_graph=True)
                 if b == 0:

@@ -137,6 +137,7 @@ def test_failure_in_one_rank_ends_the_run_quickly(checkpoint, tmp_path):
     ([], "nothing to compute"),
     (["--eigenvalue", "--no-batch-norm"], "batch_norm"),
     (["--eigenvalue", "--backend", "nccl"], "nccl"),
+    (["--eigenvalue", "--top-n", "5", "--max-iter", "4"], "--max-iter 5 or more"),
 ])
 def test_bad_inputs_give_one_clear_line(checkpoint, args, message):
     if "--resume" not in args:
