@@ -234,3 +234,17 @@ def test_ctrl_c_stops_every_worker(checkpoint, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_device_count_above_visible_gpus_is_an_error(checkpoint, monkeypatch, capsys):
+    """The GPU count is faked: the check must fire before any CUDA call is made."""
+    import torch
+
+    import example_pyhessian_analysis as analysis
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit) as exc:
+        analysis.main(["--resume", checkpoint, "--eigenvalue", "--cuda", "--device_count", "2"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--device_count 2 but only 1 GPU(s) are visible" in err
