@@ -1,4 +1,4 @@
-"""Shared pytest set-up: import path, float64 default for library tests, fixture paths."""
+"""Shared pytest set-up: import path, a single-thread fixture, the ../shared fixture path."""
 import os
 import sys
 
