@@ -371,9 +371,7 @@ def main(argv=None):
 
     if launched_by_torchrun():
         local_rank = int(os.environ["LOCAL_RANK"])
-        device = resolve_device(args.cuda, local_rank, warn=False)
-        if args.cuda and device.type == "cuda":
-            torch.cuda.set_device(device)
+        device = resolve_device(args.cuda, local_rank, warn=False)  # setup() binds a GPU
         try:
             backend = backend_for(device, args.backend)
         except ValueError as exc:

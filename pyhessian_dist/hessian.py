@@ -25,7 +25,7 @@ from .operator import HessianOperator
 __all__ = ["hessian"]
 
 
-def resolve_device(cuda: bool) -> torch.device:
+def _facade_device(cuda: bool) -> torch.device:
     """The current CUDA device when asked for and present, else CPU (with one warning)."""
     if cuda and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
@@ -50,7 +50,7 @@ class hessian:  # noqa: N801 - the name PyHessian users import
                  **operator_kwargs):
         if (data is None) == (dataloader is None):
             raise ValueError("pass exactly one of data=(inputs, targets) or dataloader=...")
-        self.device = resolve_device(cuda)
+        self.device = _facade_device(cuda)
         self.model = model.to(self.device)
         self.criterion = criterion
         self.full_dataset = dataloader is not None
