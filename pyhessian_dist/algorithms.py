@@ -1,71 +1,45 @@
-"""Matrix-free spectral algorithms for a symmetric operator given only by its products.
+"""Matrix-free spectral algorithms for a symmetric operator known through its products.
 
-Every function takes ``matvec`` (v -> A v) plus the size ``dim`` and, for the vectors handed
-to ``matvec``, their ``dtype`` and ``device``. With ``batched=True`` the matvec also accepts a
-``(k, dim)`` block and returns the ``k`` products row-wise (a ``HessianOperator`` does, and so
-does ``lambda V: V @ A`` for a dense symmetric ``A``). Randomness comes only from the explicit
-``generator``: seed it identically on every rank and every rank computes the same numbers.
-Dot products, norms, Lanczos bases and tridiagonal matrices are kept in float64.
+Every function takes a :class:`~pyhessian_dist.operators.LinearOperator` ``op`` first (its
+``dim``, ``dtype``, ``device`` and ``matvec`` on ``(k, dim)`` blocks). Randomness comes only
+from ``generator``: seed it identically on every rank and every rank computes the same
+numbers (``None`` draws a fresh seed from torch's global RNG). Dot products, norms, Lanczos
+bases and tridiagonal matrices are kept in float64. Progress is reported to ``callback`` as
+:class:`~pyhessian_dist.results.Step` records, which also form each result's ``history``.
 
-References: Lanczos with full reorthogonalisation (Golub & Van Loan, Matrix Computations,
-sec. 10.1); power iteration with deflation and Hutchinson's estimator as in PyHessian (Yao et
-al., 2020); Hutch++ (Meyer, Musco, Musco & Woodruff, SOSA 2021); stochastic Lanczos
-quadrature (Golub & Meurant 1994; Ghorbani, Krishnan & Xiao, ICML 2019).
+References: Lanczos with full reorthogonalisation (Golub & Van Loan, *Matrix Computations*,
+sec. 10.1; error bounds: Parlett, *The Symmetric Eigenvalue Problem*, sec. 11.7); power
+iteration with deflation and Hutchinson's estimator as in PyHessian (Yao et al., 2020);
+Hutch++ (Meyer, Musco, Musco & Woodruff, SOSA 2021); deflating a Krylov space before
+Hutchinson (Chen & Hallman, "Krylov-aware stochastic trace estimation", 2023); stochastic
+Lanczos quadrature (Golub & Meurant 1994; Ghorbani, Krishnan & Xiao, ICML 2019).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
+from .operators import LinearOperator
+from .results import Callback, DensityResult, DiagonalResult, EigenResult, Step, TraceResult
+
 __all__ = [
-    "EigenResult", "TraceResult", "DensityResult", "rademacher", "lanczos_tridiagonal",
-    "lanczos_top_eigenpairs", "power_iteration_top_eigenpairs", "hutchinson_trace",
-    "hutchpp_trace", "slq_density",
+    "rademacher", "lanczos_tridiagonal", "lanczos_eigenpairs", "power_iteration_eigenpairs",
+    "hutchinson_trace", "hutchpp_trace", "slq_density", "KrylovDeflation",
+    "lanczos_group_eigenpairs",
 ]
 
 F64 = torch.float64
-Matvec = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class EigenResult:
-    """Top-k eigenpairs. ``eigenvectors`` is ``(k, dim)`` float64 with unit rows."""
-    eigenvalues: list
-    eigenvectors: torch.Tensor
-    num_matvecs: int
-    converged: bool
-    method: str
-    residuals: list = field(default_factory=list)  # relative: ||A v - lambda v|| / |lambda|
-    history: list = field(default_factory=list)    # one dict per step: matvecs, estimates, ...
-
-
-@dataclass
-class TraceResult:
-    """trace(A) estimate; ``stderr`` is the standard error of the mean of ``samples``."""
-    trace: float
-    stderr: float
-    samples: list
-    num_matvecs: int
-    converged: bool
-    method: str
-    history: list = field(default_factory=list)    # matvecs, estimate, stderr after each probe
-
-
-@dataclass
-class DensityResult:
-    """SLQ quadrature: per run, Ritz values (nodes) and squared first components (weights)."""
-    nodes: list
-    weights: list
-    num_matvecs: int
-    num_steps: int
 
 
 # --------------------------------------------------------------------------- helpers
-def _default_generator(generator):
-    return generator if generator is not None else torch.Generator().manual_seed(0)
+def _generator(generator: torch.Generator | None) -> torch.Generator:
+    if generator is not None:
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,)).item())  # global RNG: repeated calls differ
+    return torch.Generator().manual_seed(seed)
 
 
 def rademacher(shape, generator: torch.Generator, device=None) -> torch.Tensor:
@@ -78,12 +52,9 @@ def _gaussian(shape, generator: torch.Generator, device=None) -> torch.Tensor:
     return torch.randn(shape, generator=generator, device=generator.device, dtype=F64).to(device)
 
 
-def _apply(matvec: Matvec, V: torch.Tensor, dtype, batched: bool) -> torch.Tensor:
-    """(k, dim) float64 block -> (k, dim) float64 products, one call when batched."""
-    dtype = dtype or V.dtype
-    if batched:
-        return matvec(V.to(dtype)).to(F64)
-    return torch.stack([matvec(v.to(dtype)).to(F64) for v in V])
+def _apply(op: LinearOperator, V: torch.Tensor) -> torch.Tensor:
+    """(k, dim) float64 block -> (k, dim) float64 products, one operator call."""
+    return op.matvec(V.to(op.dtype)).to(F64)
 
 
 def _orthogonalise(w: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
@@ -97,21 +68,33 @@ def _orthogonalise(w: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     return w
 
 
+def _stderr(samples) -> float:
+    n = len(samples)
+    if n < 2:
+        return float("nan")
+    return float(torch.tensor(samples, dtype=F64).std(unbiased=True) / math.sqrt(n))
+
+
+def _emit(history: list, callback: Callback | None, step: Step) -> None:
+    history.append(step)
+    if callback is not None:
+        callback(step)
+
+
 # --------------------------------------------------------------------------- Lanczos
-def lanczos_tridiagonal(matvec: Matvec, V0: torch.Tensor, num_steps: int, *, dtype=None,
-                        batched: bool = False, generator: torch.Generator | None = None):
+def lanczos_tridiagonal(op: LinearOperator, V0: torch.Tensor, num_steps: int, *,
+                        generator: torch.Generator | None = None):
     """Run ``r`` independent Lanczos processes with full reorthogonalisation, step by step.
 
-    A generator: after step ``m`` (1-based) it yields ``(m, alpha, beta, Q, broken)`` where, for each
-    of the ``r`` runs started from the rows of ``V0`` (r, dim),
-    ``T_m = tridiag(beta[:, :m-1], alpha[:, :m], beta[:, :m-1])`` satisfies
-    ``A Q_m^T = Q_m^T T_m + beta[:, m-1] q_{m+1} e_m^T``, ``Q`` is ``(r, m, dim)`` float64 with
-    orthonormal rows, and ``beta[:, m-1]`` is the norm of the next residual (the Ritz residual
-    scale). The caller stops whenever it likes; at most ``min(num_steps, dim)`` steps run.
-    If a run breaks down (``broken``: an invariant subspace, next residual ~ 0; beta is then
-    recorded as 0), it continues from a
-    random vector orthogonal to its basis with a zero coupling, so T stays exact
-    (block-diagonal) and the spectrum beyond that subspace is still reachable.
+    A generator: after step ``m`` (1-based) it yields ``(m, alpha, beta, Q, w, broken)`` where,
+    for each of the ``r`` runs started from the rows of ``V0`` (r, dim),
+    ``T_m = tridiag(beta[:, :m-1], alpha[:, :m], beta[:, :m-1])`` satisfies the Lanczos relation
+    ``A Q_m^T = Q_m^T T_m + w e_m^T``: ``Q`` is ``(r, m, dim)`` float64 with orthonormal rows and
+    ``w`` (r, dim) is the next residual, orthogonal to ``Q``, of norm ``beta[:, m-1]``. All ``r``
+    runs share one operator call per step. At most ``min(num_steps, dim)`` steps run.
+    If a run breaks down (``broken``: an invariant subspace, ``beta ~ 0``; recorded as 0), it
+    continues from a random vector orthogonal to its basis with zero coupling, so ``T`` stays
+    exact (block-diagonal) and the spectrum beyond that subspace is still reachable.
     """
     r, dim = V0.shape
     device = V0.device
@@ -124,22 +107,22 @@ def lanczos_tridiagonal(matvec: Matvec, V0: torch.Tensor, num_steps: int, *, dty
     scale = torch.zeros(r, dtype=F64, device=device)
     for j in range(m_max):
         Q[:, j] = q
-        w = _apply(matvec, q, dtype, batched)
+        w = _apply(op, q)
         alpha[:, j] = (w * q).sum(dim=1)
         w = _orthogonalise(w, Q[:, : j + 1])
         b = w.norm(dim=1)
         scale = torch.maximum(scale, alpha[:, j].abs() + b)
         broken = b <= 1e-10 * torch.clamp(scale, min=1e-300)
         beta[:, j] = torch.where(broken, torch.zeros_like(b), b)
-        yield j + 1, alpha, beta, Q[:, : j + 1], broken
+        w = torch.where(broken[:, None], torch.zeros_like(w), w)
+        yield j + 1, alpha, beta, Q[:, : j + 1], w, broken
         if j + 1 == m_max:
             return
         if broken.any():
-            fresh = _orthogonalise(_gaussian((r, dim), _default_generator(generator), device),
+            fresh = _orthogonalise(_gaussian((r, dim), _generator(generator), device),
                                    Q[:, : j + 1])
             w = torch.where(broken[:, None], fresh, w)
-            b = w.norm(dim=1)
-        q = w / b[:, None]
+        q = w / w.norm(dim=1, keepdim=True)
 
 
 def _tridiagonal(alpha: torch.Tensor, beta: torch.Tensor, m: int) -> torch.Tensor:
@@ -152,97 +135,214 @@ def _tridiagonal(alpha: torch.Tensor, beta: torch.Tensor, m: int) -> torch.Tenso
 
 
 def _select(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
-    """Indices of the k wanted Ritz values: largest algebraic (LA) or magnitude (LM)."""
-    key = theta if which == "LA" else theta.abs()
+    """Indices of the k wanted Ritz values: largest algebraic (LA), smallest algebraic (SA)
+    or largest magnitude (LM), best first."""
+    key = {"LA": theta, "SA": -theta, "LM": theta.abs()}[which]
     return torch.argsort(key, descending=True)[:k]
 
 
-def lanczos_top_eigenpairs(matvec: Matvec, dim: int, k: int = 1, *, max_steps: int = 100,
-                           tol: float = 1e-3, which: str = "LA", dtype=None, device=None,
-                           generator: torch.Generator | None = None, batched: bool = False,
-                           callback: Callable[[dict], None] | None = None) -> EigenResult:
-    """Top-k eigenpairs by Lanczos with full reorthogonalisation (one Krylov space for all k).
+def _error_bounds(theta: torch.Tensor, rho: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Relative eigenvalue error bounds of the Ritz values ``theta[idx]``.
 
-    Stops after step m once every wanted Ritz pair (theta_i, s_i) has residual
-    ``||A y_i - theta_i y_i|| = |beta_m s_{m,i}| <= tol * |theta_i|`` (the eigenvalue error is
-    then about residual^2 / gap), or after ``max_steps`` products. ``which``: "LA" largest
-    algebraic, "LM" largest magnitude (what power iteration finds). Start: a Gaussian vector.
+    ``|lambda - theta_i| <= rho_i`` always holds, and ``<= rho_i^2 / gap_i`` when ``gap_i`` is
+    the distance from ``theta_i`` to the rest of the spectrum (Parlett 11.7). The gap is
+    estimated safely from the other Ritz values, each moved towards ``theta_i`` by its own
+    residual: ``gap_i = min_j (|theta_i - theta_j| - rho_j)``; rounding puts a floor of a few
+    machine epsilons of the largest Ritz value under it. Like every Krylov bound it assumes the
+    Krylov space has seen the eigenvalues near theta_i (a start vector nearly orthogonal to an
+    eigenvector can hide it for a while).
     """
-    _check_k(k, dim)
-    if which not in ("LA", "LM"):
-        raise ValueError("which must be 'LA' (largest algebraic) or 'LM' (largest magnitude)")
+    floor = 4 * torch.finfo(F64).eps * theta.abs().max()
+    out = []
+    for i in idx.tolist():
+        others = torch.ones_like(theta, dtype=torch.bool)
+        others[i] = False
+        bound = rho[i]
+        if others.any():
+            gap = ((theta[i] - theta[others]).abs() - rho[others]).min()
+            if gap > 0:
+                bound = torch.minimum(bound, rho[i] ** 2 / gap)
+        out.append(torch.maximum(bound, floor) / theta[i].abs().clamp(min=1e-300))
+    return torch.stack(out)
+
+
+def lanczos_eigenpairs(op: LinearOperator, k: int = 1, *, which: str = "LA",
+                       max_steps: int = 100, tol: float = 1e-3, min_steps: int | None = None,
+                       generator: torch.Generator | None = None,
+                       callback: Callback | None = None) -> EigenResult:
+    """K extreme eigenpairs by Lanczos with full reorthogonalisation (one Krylov space for all k).
+
+    ``which``: "LA" largest algebraic (top), "SA" smallest algebraic (most negative), "LM"
+    largest magnitude (what power iteration finds). Start: a Gaussian vector. After step m the
+    Ritz pairs (theta_i, y_i) of T_m have residuals ``rho_i = ||A y_i - theta_i y_i|| =
+    |beta_m s_{m,i}|``; it stops once every wanted pair's relative eigenvalue error bound
+    ``min(rho_i, rho_i^2 / gap_i) / |theta_i|`` is at most ``tol`` (see ``_error_bounds``) and at
+    least ``min_steps`` (default k + 2) steps ran, or after ``max_steps`` products, or when the
+    whole space is spanned. ``products`` = ``A y_i``, exact from the Lanczos relation.
+    """
+    _check_k(k, op.dim)
+    if which not in ("LA", "SA", "LM"):
+        raise ValueError("which must be 'LA' (largest algebraic), 'SA' (smallest algebraic) or "
+                         "'LM' (largest magnitude)")
     if max_steps < k:
         raise ValueError(f"max_steps ({max_steps}) must be at least k ({k})")
-    generator = _default_generator(generator)
-    v0 = _gaussian((1, dim), generator, device)
-    history = []
-    result = None
-    for m, alpha, beta, Q, broken in lanczos_tridiagonal(matvec, v0, max_steps, dtype=dtype,
-                                                         batched=batched, generator=generator):
-        if m < k and m < dim:
+    min_steps = min(k + 2 if min_steps is None else min_steps, op.dim)
+    generator = _generator(generator)
+    v0 = _gaussian((1, op.dim), generator, op.device)
+    history, last = [], None
+    for m, alpha, beta, Q, w, broken in lanczos_tridiagonal(op, v0, max_steps,
+                                                            generator=generator):
+        if m < k and m < op.dim:
             continue
         theta, S = torch.linalg.eigh(_tridiagonal(alpha[0], beta[0], m))
+        rho = (beta[0, m - 1] * S[m - 1, :]).abs()
         idx = _select(theta, k, which)
-        vals = theta[idx]
-        res = (beta[0, m - 1] * S[m - 1, idx]).abs() / vals.abs().clamp(min=1e-30)
+        bounds = _error_bounds(theta, rho, idx)
         # after a breakdown the residuals vanish but a restart may still find more copies of
-        # a repeated eigenvalue, so only an unbroken small residual (or all dims) counts
-        converged = bool((res <= tol).all() and not broken[0]) or m == dim
-        step = {"matvecs": m, "estimates": vals.tolist(), "residuals": res.tolist()}
-        history.append(step)
-        if callback is not None:
-            callback(step)
-        result = (m, vals, res, S[:, idx], Q[0], converged)
+        # a repeated eigenvalue, so only an unbroken run (or the whole space) counts
+        converged = m == op.dim or bool(m >= min_steps and (bounds <= tol).all()
+                                        and not broken[0])
+        _emit(history, callback, Step(m, tuple(theta[idx].tolist()), tuple(bounds.tolist()),
+                                      "eigenvalue error bound", max_matvecs=max_steps))
+        last = (theta[idx], rho[idx], bounds, S[:, idx], Q[0], w[0], converged)
         if converged:
             break
-    m, vals, res, S_k, Qm, converged = result
-    vectors = S_k.T @ Qm
-    return EigenResult(eigenvalues=vals.tolist(), eigenvectors=vectors, num_matvecs=m,
-                       converged=converged, method="lanczos", residuals=res.tolist(),
-                       history=history)
+    vals, rho, bounds, S_k, Qm, w, converged = last
+    Y = S_k.T @ Qm
+    products = Y * vals[:, None] + S_k[-1][:, None] * w[None, :]
+    return EigenResult(eigenvalues=vals.tolist(), eigenvectors=Y, num_matvecs=history[-1].matvecs,
+                       converged=converged, method="lanczos", which=which,
+                       residuals=(rho / vals.abs().clamp(min=1e-300)).tolist(),
+                       error_bounds=bounds.tolist(), history=history, products=products)
 
 
 def _check_k(k: int, dim: int) -> None:
     if not 1 <= k <= dim:
-        raise ValueError(f"asked for top {k} eigenpairs of a {dim}-dimensional operator; "
+        raise ValueError(f"asked for {k} eigenpairs of a {dim}-dimensional operator; "
                          f"top_n must be between 1 and {dim}")
 
 
+def lanczos_group_eigenpairs(op: LinearOperator, groups: Sequence, k: int = 1, *,
+                             which: str = "LA", max_steps: int = 30, tol: float = 1e-2,
+                             generator: torch.Generator | None = None,
+                             callback: Callback | None = None) -> list[EigenResult]:
+    """K extreme eigenpairs of every diagonal block ``A_gg`` (g in ``groups``: slices or index
+    tensors of coordinates), by one Lanczos process per block.
+
+    A block product ``A_gg u`` is ``A`` applied to ``u`` embedded on g's coordinates (zeros
+    elsewhere) and read back on them; the blocks still iterating share ONE operator call per
+    step (a ``(G, dim)`` block), so a step costs one product per block. Each block stops as
+    ``lanczos_eigenpairs`` does (relative eigenvalue error bound <= ``tol``, or its whole
+    space, or ``max_steps``). Returns one ``EigenResult`` per group, eigenvectors on the
+    group's coordinates.
+    """
+    if which not in ("LA", "SA", "LM"):
+        raise ValueError("which must be 'LA', 'SA' or 'LM'")
+    generator = _generator(generator)
+    index = [g if isinstance(g, slice) else torch.as_tensor(g, device=op.device) for g in groups]
+    sizes = [len(range(op.dim)[g]) if isinstance(g, slice) else len(g) for g in index]
+    runs = [_BlockLanczos(n, k, which, tol, _gaussian((n,), generator, op.device))
+            for n in sizes]
+    total = 0
+    for m in range(1, max_steps + 1):
+        active = [i for i, r in enumerate(runs) if not r.done]
+        if not active:
+            break
+        V = torch.zeros(len(active), op.dim, dtype=F64, device=op.device)
+        for row, i in enumerate(active):
+            V[row, index[i]] = runs[i].q
+        W = _apply(op, V)
+        total += len(active)
+        for row, i in enumerate(active):
+            runs[i].step(W[row, index[i]], generator, m == max_steps, total)
+        _emit([], callback, Step(total, tuple(max(r.values) if r.values else float("nan")
+                                              for r in runs),
+                                 label=f"{sum(r.done for r in runs)}/{len(runs)} blocks done",
+                                 max_matvecs=max_steps * len(runs)))
+    return [r.result() for r in runs]
+
+
+class _BlockLanczos:
+    """One block's Lanczos state for ``lanczos_group_eigenpairs`` (full reorthogonalisation)."""
+
+    def __init__(self, n, k, which, tol, start):
+        self.n, self.k, self.which, self.tol = n, min(k, n), which, tol
+        self.Q = torch.zeros(0, n, dtype=F64, device=start.device)
+        self.q = start / start.norm()
+        self.alpha, self.beta = [], []
+        self.done, self.values, self.history, self.out = False, [], [], None
+
+    def step(self, w, generator, last, total):
+        self.Q = torch.cat([self.Q, self.q[None]])
+        self.alpha.append(float(w @ self.q))
+        w = _orthogonalise(w[None], self.Q[None])[0]
+        b = float(w.norm())
+        m = len(self.alpha)
+        scale = max(abs(a) for a in self.alpha) + b
+        broken = b <= 1e-10 * max(scale, 1e-300)
+        self.beta.append(0.0 if broken else b)
+        a = torch.tensor(self.alpha, dtype=F64)
+        theta, S = torch.linalg.eigh(_tridiagonal(a, torch.tensor(self.beta, dtype=F64), m))
+        rho = (self.beta[-1] * S[m - 1, :]).abs()
+        idx = _select(theta, min(self.k, m), self.which)
+        bounds = _error_bounds(theta, rho, idx)
+        self.values = theta[idx].tolist()
+        self.history.append(Step(total, tuple(self.values), tuple(bounds.tolist()),
+                                 "eigenvalue error bound"))
+        full = m == self.n
+        if full or last or (m >= min(self.k + 2, self.n) and not broken
+                            and bool((bounds <= self.tol).all())):
+            self.done = True
+            Y = S[:, idx].T.to(self.Q.device) @ self.Q
+            self.out = EigenResult(eigenvalues=self.values, eigenvectors=Y,
+                                   num_matvecs=m, converged=full or bool((bounds <= self.tol).all()),
+                                   method="lanczos", which=self.which,
+                                   residuals=(rho[idx] / theta[idx].abs().clamp(min=1e-300)).tolist(),
+                                   error_bounds=bounds.tolist(), history=self.history)
+            return
+        if broken:
+            w = _orthogonalise(_gaussian((1, self.n), generator, self.Q.device), self.Q[None])[0]
+        self.q = w / w.norm()
+
+    def result(self) -> EigenResult:
+        return self.out
+
+
 # --------------------------------------------------------------------------- power iteration
-def power_iteration_top_eigenpairs(matvec: Matvec, dim: int, k: int = 1, *, max_iter: int = 100,
-                                   tol: float = 1e-3, dtype=None, device=None,
-                                   generator: torch.Generator | None = None,
-                                   callback: Callable[[dict], None] | None = None) -> EigenResult:
+def power_iteration_eigenpairs(op: LinearOperator, k: int = 1, *, max_iter: int = 100,
+                               tol: float = 1e-3, generator: torch.Generator | None = None,
+                               callback: Callback | None = None) -> EigenResult:
     """PyHessian's power iteration with Gram-Schmidt deflation, eigenvectors kept.
 
     For i = 1..k: start from a Gaussian vector; repeat up to ``max_iter`` times
     v <- v orthogonalised against the i-1 eigenvectors found, normalised; lambda <- v.Av;
     v <- Av/||Av||; stop when |lambda - lambda_prev| / (|lambda_prev| + 1e-6) < tol.
     Converges to the eigenvalues of largest MAGNITUDE, at a rate |lambda_{i+1}/lambda_i|.
+    ``residuals`` are those of the last (lambda, v) pair of each eigenvalue.
     """
-    _check_k(k, dim)
-    generator = _default_generator(generator)
-    values, vectors, history = [], [], []
-    all_converged = True
-    total = 0
+    _check_k(k, op.dim)
+    generator = _generator(generator)
+    values, vectors, residuals, history = [], [], [], []
+    all_converged, total = True, 0
     for i in range(k):
-        V = torch.stack(vectors)[None] if vectors else torch.zeros(1, 0, dim, dtype=F64,
-                                                                      device=device)
-        v = _gaussian((1, dim), generator, device)
-        eig, converged = None, False
+        V = (torch.stack(vectors)[None] if vectors
+             else torch.zeros(1, 0, op.dim, dtype=F64, device=op.device))
+        v = _gaussian((1, op.dim), generator, op.device)
+        eig, converged, residual = None, False, float("nan")
         for _it in range(max_iter):
             v = _orthogonalise(v, V)
             v = v / v.norm()
-            Av = _apply(matvec, v, dtype, False)
+            Av = _apply(op, v)
             total += 1
             new = float((Av * v).sum())
+            residual = float((Av - new * v).norm()) / max(abs(new), 1e-300)
             v = Av / Av.norm().clamp(min=1e-300)
-            change = None if eig is None else abs(new - eig) / (abs(eig) + 1e-6)
-            step = {"matvecs": total, "index": i, "estimate": new, "change": change}
-            history.append(step)
-            if callback is not None:
-                callback(step)
-            done = change is not None and change < tol
+            change = float("nan") if eig is None else abs(new - eig) / (abs(eig) + 1e-6)
+            _emit(history, callback, Step(total, tuple(values) + (new,),
+                                          tuple(float("nan") for _ in values) + (change,),
+                                          "relative change", f"eigenvalue {i + 1}",
+                                          max_matvecs=k * max_iter))
+            done = eig is not None and change < tol
             eig = new
             if done:
                 converged = True
@@ -250,96 +350,237 @@ def power_iteration_top_eigenpairs(matvec: Matvec, dim: int, k: int = 1, *, max_
         all_converged &= converged
         v = _orthogonalise(v, V)
         values.append(eig)
+        residuals.append(residual)
         vectors.append((v / v.norm())[0])
     return EigenResult(eigenvalues=values, eigenvectors=torch.stack(vectors), num_matvecs=total,
-                       converged=all_converged, method="power", history=history)
+                       converged=all_converged, method="power", which="LM",
+                       residuals=residuals, error_bounds=list(residuals), history=history)
 
 
 # --------------------------------------------------------------------------- trace
-def _stderr(samples) -> float:
-    n = len(samples)
-    if n < 2:
-        return float("nan")
-    t = torch.tensor(samples, dtype=F64)
-    return float(t.std(unbiased=True) / math.sqrt(n))
+@dataclass
+class KrylovDeflation:
+    """An orthonormal basis ``Q`` (m, dim) with ``AQ`` (m, dim) = rows ``A q_j``.
+
+    Used to split a trace exactly: ``tr(A) = tr(Q^T A Q) + tr(P A P)`` with ``P = I - Q^T Q``
+    (rows of ``Q`` as basis vectors); only the second term is estimated by probes. From a
+    Lanczos run, ``AQ`` comes without extra products: ``A Q^T = Q^T T + w e_m^T``.
+    """
+
+    Q: torch.Tensor
+    AQ: torch.Tensor
+    num_matvecs: int
+
+    @property
+    def exact_trace(self) -> float:
+        return float((self.Q * self.AQ).sum())
+
+    def diagonal(self) -> torch.Tensor:
+        """diag(A Q^T Q): this subspace's exact share of diag(A)."""
+        return (self.Q * self.AQ).sum(dim=0)
+
+    def project(self, Z: torch.Tensor, AZ: torch.Tensor):
+        """(P z, A P z) for rows z of Z, given A z (no operator products needed)."""
+        C = Z @ self.Q.T
+        return Z - C @ self.Q, AZ - C @ self.AQ
 
 
-def hutchinson_trace(matvec: Matvec, dim: int, *, max_iter: int = 100, tol: float = 1e-3,
-                     dtype=None, device=None, generator: torch.Generator | None = None,
-                     batched: bool = False, block_size: int = 1,
-                     callback: Callable[[dict], None] | None = None) -> TraceResult:
-    """Hutchinson's estimator tr(A) ~ (1/n) sum_j z_j^T A z_j, Rademacher z_j.
+def _lanczos_deflation(op, generator, steps, auto, rse, min_probes, pilot, history, callback):
+    """Lanczos from a Rademacher start; in ``auto`` mode stop when deflating further no longer
+    pays: predicted products m + N(m), with N(m) the probes needed for ``rse`` after deflating
+    the m-dimensional Krylov space, whose per-probe variance is at most
+    2 ||PAP||_F^2 = 2 (||A||_F^2 - ||T_m||_F^2 - 2 beta_m^2); ||A||_F^2 and tr(A) come from the
+    ``pilot`` probes (Z, AZ)."""
+    z0 = rademacher((1, op.dim), generator, op.device)
+    frob2 = trace0 = None
+    if pilot is not None:
+        frob2 = float((pilot[1] ** 2).sum(dim=1).mean())
+        trace0 = float((pilot[0] * pilot[1]).sum(dim=1).mean())
+    best, result = None, None
+    for m, alpha, beta, Q, w, _broken in lanczos_tridiagonal(op, z0, steps, generator=generator):
+        T = _tridiagonal(alpha[0], beta[0], m)
+        result = (m, Q[0].clone(), (T @ Q[0]) + torch.outer(torch.eye(m, dtype=F64,
+                                                                      device=Q.device)[-1], w[0]))
+        if auto and frob2 is not None and trace0:
+            left = max(frob2 - float((T ** 2).sum()) - 2 * float(beta[0, m - 1]) ** 2, 0.0)
+            cost = m + max(2 * left / (rse * trace0) ** 2, min_probes)
+            if best is not None and cost > best[1] and m >= best[0] + 3:
+                break  # three steps past the predicted optimum
+            if best is None or cost < best[1]:
+                best = (m, cost)
+        _emit(history, callback, Step(m, (float(alpha[0, :m].sum()),), (float("nan"),),
+                                      "", "deflation", max_matvecs=steps))
+    m, Q, AQ = result
+    if auto and best is not None and best[0] < m:
+        m = best[0]
+        Q, AQ = _truncate_krylov(Q, AQ, m)
+    return KrylovDeflation(Q=Q, AQ=AQ, num_matvecs=result[0])
 
-    PyHessian's stopping rule: after each probe, stop when
-    |mean_n - mean_{n-1}| / (|mean_{n-1}| + 1e-6) < tol (mean_0 = 0), or after ``max_iter``
-    probes. ``block_size`` probes go through the operator per call (with ``batched``); probes
-    are drawn and tested in the same order as one at a time, so the estimate does not depend
-    on ``block_size`` (products computed past the stopping point are counted, not used).
+
+def _truncate_krylov(Q, AQ, m):
+    """The first m Lanczos vectors and their products: A q_j for j < m is already in AQ."""
+    return Q[:m].clone(), AQ[:m].clone()
+
+
+def hutchinson_trace(op: LinearOperator, *, max_iter: int = 100, tol: float | None = 1e-3,
+                     rse: float | None = None, min_probes: int = 10, block_size: int = 1,
+                     deflate: int | str = 0, max_deflation_steps: int = 50,
+                     groups: Sequence | None = None, diagonal: bool = False,
+                     generator: torch.Generator | None = None,
+                     callback: Callback | None = None) -> TraceResult:
+    """Hutchinson's estimator tr(A) ~ (1/n) sum_j z_j^T A z_j (Rademacher z_j), optionally
+    after deflating a Krylov space.
+
+    Stopping: with ``rse`` set, after at least ``min_probes`` probes once the standard error is
+    at most ``rse * |estimate|``; otherwise PyHessian's rule: stop when
+    ``|mean_n - mean_{n-1}| / (|mean_{n-1}| + 1e-6) < tol`` (mean_0 = 0). Always at most
+    ``max_iter`` probes. ``block_size`` probes share one operator call (same estimate whatever
+    the block size; products past the stopping point are counted, not used).
+
+    ``deflate``: 0 (plain), an int m (deflate an m-step Lanczos space), or "auto" (choose m
+    from pilot probes and ``rse``, at most ``max_deflation_steps``). With a basis Q (exact part
+    ``tr(Q^T A Q)``) each sample is ``tr(Q^T A Q) + (Pz)^T A (Pz)``: unbiased for any Q, with
+    per-probe variance ``2(||PAP||_F^2 - sum_i (PAP)_ii^2)`` instead of ``2(||A||_F^2 - ...)``.
+
+    ``groups``: index sets (slices or index tensors) partitioning the coordinates; every sample
+    is split over them (``group_samples``, rows summing to ``samples``): the sample's share of
+    group g is ``sum_{i in g} c_i`` with ``c = (Pz) * (A P z) + diag(A Q^T Q)``, whose mean
+    estimates ``tr`` of A's diagonal block of g. ``diagonal=True`` also returns the mean of
+    ``c`` (Hutchinson's diagonal estimator, Bekas et al. 2007) with elementwise standard errors.
     """
     if max_iter < 1:
         raise ValueError("max_iter must be at least 1")
-    generator = _default_generator(generator)
-    samples, history = [], []
-    prev, converged, computed = 0.0, False, 0
-    while len(samples) < max_iter and not converged:
+    if rse is None and tol is None:
+        raise ValueError("give a stopping rule: rse (relative standard error) or tol")
+    generator = _generator(generator)
+    history: list = []
+    pilot = None
+    deflation = None
+    used = 0
+    if deflate == "auto" or (isinstance(deflate, int) and deflate > 0):
+        if deflate == "auto":
+            if rse is None:
+                raise ValueError("deflate='auto' chooses the subspace for a target rse; pass rse")
+            Z = rademacher((min(4, max_iter), op.dim), generator, op.device)
+            pilot = (Z, _apply(op, Z))
+            used += Z.shape[0]
+        steps = max_deflation_steps if deflate == "auto" else int(deflate)
+        deflation = _lanczos_deflation(op, generator, min(steps, op.dim), deflate == "auto",
+                                       rse, min_probes, pilot, history, callback)
+        used += deflation.num_matvecs
+    elif deflate != 0:
+        raise ValueError(f"deflate must be 0, a positive int or 'auto', got {deflate!r}")
+
+    exact = deflation.exact_trace if deflation is not None else 0.0
+    base = deflation.diagonal() if deflation is not None else None
+    index_sets = list(groups) if groups is not None else None
+    samples, group_rows = [], []
+    diag_sum = diag_sq = None
+    prev, converged, rule = 0.0, False, "budget"
+
+    def probe_block():
+        nonlocal pilot, used
+        if pilot is not None:  # the pilot probes are reused: their products are known
+            Z, AZ = pilot
+            pilot = None
+            return Z, AZ
         nb = min(block_size, max_iter - len(samples))
-        Z = rademacher((nb, dim), generator, device)
-        AZ = _apply(matvec, Z, dtype, batched)
-        computed += nb
-        for val in (AZ * Z).sum(dim=1).tolist():
-            samples.append(val)
+        Z = rademacher((nb, op.dim), generator, op.device)
+        used += nb
+        return Z, _apply(op, Z)
+
+    while len(samples) < max_iter and not converged:
+        Z, AZ = probe_block()
+        if deflation is not None:
+            Z, AZ = deflation.project(Z, AZ)
+        C = Z * AZ if base is None else Z * AZ + base
+        for c in C:
+            if len(samples) == max_iter:
+                break
+            samples.append(float(c.sum()))
+            if index_sets is not None:
+                group_rows.append(torch.stack([c[g].sum() for g in index_sets]))
+            if diagonal:  # Welford's running mean and sum of squared deviations
+                if diag_sum is None:
+                    diag_sum, diag_sq = c.clone(), torch.zeros_like(c)
+                else:
+                    delta = c - diag_sum
+                    diag_sum += delta / len(samples)
+                    diag_sq += delta * (c - diag_sum)
             mean = sum(samples) / len(samples)
-            step = {"matvecs": len(samples), "estimate": mean, "stderr": _stderr(samples)}
-            history.append(step)
-            if callback is not None:
-                callback(step)
-            if abs(mean - prev) / (abs(prev) + 1e-6) < tol:
-                converged = True
+            se = _stderr(samples)
+            _emit(history, callback, Step(used, (mean,), (se,), "standard error", "probes"))
+            if rse is not None:
+                if len(samples) >= min_probes and se <= rse * abs(mean):
+                    converged, rule = True, f"relative standard error <= {rse:g}"
+            elif abs(mean - prev) / (abs(prev) + 1e-6) < tol:
+                converged, rule = True, f"relative change < {tol:g}"
+            if converged:
                 break
             prev = mean
-    mean = sum(samples) / len(samples)
-    return TraceResult(trace=mean, stderr=_stderr(samples), samples=samples,
-                       num_matvecs=computed, converged=converged, method="hutchinson",
-                       history=history)
+    method = "hutchinson" if deflation is None else "deflated hutchinson"
+    info = None
+    if deflation is not None:
+        info = {"dimension": int(deflation.Q.shape[0]), "exact_part": exact,
+                "num_matvecs": deflation.num_matvecs,
+                "chosen": "auto" if deflate == "auto" else "fixed"}
+    return TraceResult(
+        trace=sum(samples) / len(samples), stderr=_stderr(samples), samples=samples,
+        num_matvecs=used, converged=converged, method=method, stopping_rule=rule,
+        history=history, deflation=info,
+        group_samples=torch.stack(group_rows) if index_sets else None,
+        diagonal=_diagonal_result(diag_sum, diag_sq, len(samples), used) if diagonal else None)
 
 
-def hutchpp_trace(matvec: Matvec, dim: int, num_matvecs: int, *, dtype=None, device=None,
-                  generator: torch.Generator | None = None, batched: bool = False) -> TraceResult:
+def _diagonal_result(mean, m2, n, used) -> DiagonalResult:
+    if n > 1:
+        se = (m2.clamp(min=0) / (n - 1) / n).sqrt()
+    else:
+        se = torch.full_like(mean, math.nan)
+    return DiagonalResult(diagonal=mean, stderr=se, num_probes=n, num_matvecs=used)
+
+
+def hutchpp_trace(op: LinearOperator, num_matvecs: int, *,
+                  generator: torch.Generator | None = None,
+                  callback: Callback | None = None) -> TraceResult:
     """Hutch++ with a fixed budget of ``num_matvecs`` products (>= 3).
 
     s = num_matvecs // 3 Rademacher sketch vectors S; Q = orth(A S) (dim x s);
     tr(A) = tr(Q^T A Q) + (1/g) sum_j z_j^T P A P z_j with P = I - Q Q^T and
     g = num_matvecs - 2 s Rademacher probes z_j. Exact when rank(A) <= s. ``samples`` are the
     g per-probe estimates tr(Q^T A Q) + z_j^T P A P z_j; the error bar is their standard error.
+    A fixed budget is not a convergence test: ``converged`` is False.
     """
     if num_matvecs < 3:
         raise ValueError("Hutch++ needs a budget of at least 3 matrix-vector products")
-    generator = _default_generator(generator)
-    s = min(num_matvecs // 3, dim)
+    generator = _generator(generator)
+    s = min(num_matvecs // 3, op.dim)
     g = num_matvecs - 2 * s
-    S = rademacher((s, dim), generator, device)
-    Y = _apply(matvec, S, dtype, batched)
+    S = rademacher((s, op.dim), generator, op.device)
+    Y = _apply(op, S)
     Qt = torch.linalg.qr(Y.T, mode="reduced")[0].T.contiguous()   # (s, dim), orthonormal rows
-    AQ = _apply(matvec, Qt, dtype, batched)
+    AQ = _apply(op, Qt)
     low_rank = float((AQ * Qt).sum())
-    Z = rademacher((g, dim), generator, device)
+    Z = rademacher((g, op.dim), generator, op.device)
     Z = Z - (Z @ Qt.T) @ Qt
-    AZ = _apply(matvec, Z, dtype, batched)
-    residual = (AZ * Z).sum(dim=1)          # z = P z, so z^T A z = z^T P A P z
-    samples = (low_rank + residual).tolist()
-    mean = sum(samples) / len(samples)
-    history = [{"matvecs": 2 * s + j + 1, "estimate": sum(samples[: j + 1]) / (j + 1),
-                "stderr": _stderr(samples[: j + 1])} for j in range(len(samples))]
-    return TraceResult(trace=mean, stderr=_stderr(samples), samples=samples,
-                       num_matvecs=2 * s + g, converged=True, method="hutchpp",
-                       history=history)
+    AZ = _apply(op, Z)
+    samples = (low_rank + (AZ * Z).sum(dim=1)).tolist()   # z = P z: z^T A z = z^T P A P z
+    history: list = []
+    for j in range(len(samples)):
+        _emit(history, callback, Step(2 * s + j + 1, (sum(samples[: j + 1]) / (j + 1),),
+                                      (_stderr(samples[: j + 1]),), "standard error",
+                                      "probes", max_matvecs=num_matvecs))
+    return TraceResult(trace=sum(samples) / len(samples), stderr=_stderr(samples),
+                       samples=samples, num_matvecs=2 * s + g, converged=False,
+                       method="hutchpp", stopping_rule="budget", history=history,
+                       deflation={"dimension": s, "exact_part": low_rank,
+                                  "num_matvecs": 2 * s, "chosen": "fixed"})
 
 
 # --------------------------------------------------------------------------- density
-def slq_density(matvec: Matvec, dim: int, *, num_steps: int = 100, num_runs: int = 1,
-                dtype=None, device=None, generator: torch.Generator | None = None,
-                batched: bool = False, runs_per_pass: int = 1,
-                callback: Callable[[dict], None] | None = None) -> DensityResult:
+def slq_density(op: LinearOperator, *, num_steps: int = 100, num_runs: int = 1,
+                runs_per_pass: int = 1, generator: torch.Generator | None = None,
+                callback: Callback | None = None) -> DensityResult:
     """Stochastic Lanczos quadrature for the spectral density of A.
 
     Each of ``num_runs`` runs: m = min(num_steps, dim) Lanczos steps with full
@@ -347,26 +588,27 @@ def slq_density(matvec: Matvec, dim: int, *, num_steps: int = 100, num_runs: int
     eigh); nodes = theta, weights = S[0, :]^2 (they sum to 1). The density estimate is
     (1/num_runs) sum_runs sum_i weights_i delta(x - nodes_i); its first moment estimates
     tr(A)/dim. All runs are returned. ``runs_per_pass`` runs share each operator call.
-    ``callback`` gets ``{"runs": (first, last), "step", "steps", "matvecs"}`` after each step.
+    Progress steps carry the extreme Ritz values of the first run of the pass.
     """
     if num_runs < 1 or num_steps < 1:
         raise ValueError("num_runs and num_steps must be at least 1")
-    generator = _default_generator(generator)
-    nodes, weights = [], []
-    m = min(num_steps, dim)
+    generator = _generator(generator)
+    nodes, weights, history = [], [], []
+    m = min(num_steps, op.dim)
     done = 0
     while done < num_runs:
         r = min(runs_per_pass, num_runs - done)
-        V0 = rademacher((r, dim), generator, device)
-        for m, alpha, beta, _Q, _broken in lanczos_tridiagonal(matvec, V0, m, dtype=dtype,
-                                                               batched=batched,
-                                                               generator=generator):
-            if callback is not None:
-                callback({"runs": (done + 1, done + r), "step": m, "steps": min(num_steps, dim),
-                          "matvecs": done * min(num_steps, dim) + r * m})
+        V0 = rademacher((r, op.dim), generator, op.device)
+        label = f"run {done + 1}/{num_runs}" if r == 1 else f"runs {done + 1}-{done + r}/{num_runs}"
+        for step, alpha, beta, _Q, _w, _broken in lanczos_tridiagonal(op, V0, m,
+                                                                      generator=generator):
+            theta = torch.linalg.eigvalsh(_tridiagonal(alpha[0], beta[0], step))
+            _emit(history, callback, Step(done * m + r * step, (theta[0].item(), theta[-1].item()),
+                                          label=label, max_matvecs=num_runs * m))
         for i in range(r):
             theta, S = torch.linalg.eigh(_tridiagonal(alpha[i], beta[i], m))
             nodes.append(theta.tolist())
             weights.append((S[0, :] ** 2).tolist())
         done += r
-    return DensityResult(nodes=nodes, weights=weights, num_matvecs=num_runs * m, num_steps=m)
+    return DensityResult(nodes=nodes, weights=weights, num_matvecs=num_runs * m, num_steps=m,
+                         num_runs=num_runs, history=history)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 __all__ = [
     "is_distributed", "get_rank", "get_world_size", "print0", "all_reduce_",
-    "backend_for", "setup", "cleanup", "launched_by_torchrun", "CommTimer",
+    "backend_for", "broadcast_seed", "setup", "cleanup", "launched_by_torchrun", "CommTimer",
 ]
 
 
@@ -63,6 +63,17 @@ def all_reduce_(tensor: torch.Tensor, timer: CommTimer | None = None) -> torch.T
         timer.seconds += time.perf_counter() - t0
         timer.calls += 1
     return tensor
+
+
+def broadcast_seed(device: torch.device | str = "cpu") -> int:
+    """A seed drawn from torch's global RNG; rank 0's on every rank when distributed (one
+    broadcast), so that random vectors agree across ranks whatever their global RNG states."""
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    if is_distributed() and get_world_size() > 1:
+        t = torch.tensor([seed], dtype=torch.int64, device=device)
+        dist.broadcast(t, src=0)
+        seed = int(t.item())
+    return seed
 
 
 def backend_for(device: torch.device | str, requested: str = "auto") -> str:

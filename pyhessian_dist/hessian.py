@@ -6,11 +6,13 @@
     trace_samples = h.trace()
     eigen_list_full, weight_list_full = h.density(iter=100, n_v=1)
 
-Defaults reproduce PyHessian's algorithms (power iteration, Hutchinson, SLQ). When a
+Defaults reproduce PyHessian's algorithms (power iteration, Hutchinson, SLQ) and its use of
+torch's global random number generator, so repeated calls give different samples. When a
 torch.distributed process group is initialised and each rank passes its own shard, every rank
-gets the numbers of the union of the shards. Extra keyword arguments give the better methods
-(``method="lanczos"`` for eigenvalues, ``method="hutchpp"`` for the trace). The full result of
-the last call (error bars, products used, convergence history) is kept in ``last_result``.
+gets the numbers of the union of the shards. Keyword arguments that PyHessian code never passes
+give more: ``method="lanczos"``, ``which="SA"`` (most negative eigenvalues), the trace's
+``rse``/``deflate``/``per_layer``, ``diagonal()``, ``seed=`` for reproducible numbers. The full
+result of the last call (error bars, products used, convergence history) is ``last_result``.
 """
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ import warnings
 
 import torch
 
-from .algorithms import (hutchinson_trace, hutchpp_trace, lanczos_top_eigenpairs,
-                         power_iteration_top_eigenpairs, slq_density)
+from .algorithms import (hutchinson_trace, hutchpp_trace, lanczos_eigenpairs,
+                         power_iteration_eigenpairs, slq_density)
+from .distributed import broadcast_seed
+from .groups import parameter_groups
 from .operator import HessianOperator
 
 __all__ = ["hessian"]
@@ -42,74 +46,144 @@ class hessian:  # noqa: N801 - the name PyHessian users import
         data: one ``(inputs, targets)`` batch, or
         dataloader: an iterable of ``(inputs, targets)`` mini-batches (sizes may differ).
         cuda: compute on the current CUDA device (falls back to CPU with a warning).
-        seed: seed of the ``torch.Generator`` behind every random vector (same on all ranks).
-        **operator_kwargs: passed to ``HessianOperator`` (``reuse_graph``, ``hvp_mode``, ...).
+        seed: ``None`` (default, as PyHessian): every call draws its random vectors from
+            torch's global RNG (one seed per call, taken from rank 0 when distributed); an
+            int: every call starts from ``torch.Generator().manual_seed(seed)`` (reproducible).
+        **operator_kwargs: passed to ``HessianOperator`` (``reuse_graph``, ``data_on_device``,
+            ``hvp_mode``, ``memory_budget_bytes``, ...).
+
+    What is resident: the mini-batches are kept where the loader put them (host memory,
+    pinned for CUDA) and moved to the device one at a time per product unless they fit in a
+    quarter of the memory budget, in which case they are moved once; the first-order graphs of
+    as many mini-batches as fit in the budget are kept (``h.operator.describe_memory()``).
+
+    Attributes as in PyHessian: ``params`` (trainable parameters), ``gradsH`` (the gradient of
+    the mean loss, a list shaped like ``params``; connected to the graph, so
+    ``utils.hessian_vector_product(h.gradsH, h.params, v)`` works, when every mini-batch's
+    graph is kept - always for ``data=`` - and the process is not distributed),
+    ``full_dataset``, ``device``.
     """
 
-    def __init__(self, model, criterion, data=None, dataloader=None, cuda=True, *, seed: int = 0,
-                 **operator_kwargs):
+    def __init__(self, model, criterion, data=None, dataloader=None, cuda=True, *,
+                 seed: int | None = None, **operator_kwargs):
         if (data is None) == (dataloader is None):
             raise ValueError("pass exactly one of data=(inputs, targets) or dataloader=...")
         self.device = _facade_device(cuda)
         self.model = model.to(self.device)
         self.criterion = criterion
         self.full_dataset = dataloader is not None
+        self.data = data if data is not None else dataloader
         batches = [data] if data is not None else list(dataloader)
+        if data is not None:
+            operator_kwargs.setdefault("reuse_graph", True)
         self.operator = HessianOperator(self.model, criterion, batches, device=self.device,
                                         **operator_kwargs)
         self.params = self.operator.params
-        self.gradsH = self.operator.to_list(self.operator.gradient())
         self.seed = seed
         self.last_result = None
 
-    def _kwargs(self):
+    # ------------------------------------------------------------------ PyHessian's attributes
+    @property
+    def gradsH(self):  # noqa: N802 - PyHessian's name
+        """Gradient of the mean loss, per parameter (graph-connected when the graphs are kept)."""
         op = self.operator
-        gen = torch.Generator(device=op.device).manual_seed(self.seed)
-        return dict(dtype=op.dtype, device=op.device, generator=gen)
+        if op.reuse_graph:
+            return op.to_list(torch.stack(op._graphs).sum(0))
+        return op.to_list(op.gradient())
 
-    def eigenvalues(self, maxIter: int = 100, tol: float = 1e-3, top_n: int = 1, *,
-                    method: str = "power", which: str = "LA"):
+    def dataloader_hv_product(self, v):
+        """PyHessian's product: ``v`` a list shaped like ``params`` -> ``(v^T H v, H v)``."""
+        op = self.operator
+        flat = op.from_list(v)
+        Hv = op.matvec(flat)
+        return float(flat.to(torch.float64) @ Hv.to(torch.float64)), op.to_list(Hv)
+
+    # ------------------------------------------------------------------ helpers
+    def _generator(self) -> torch.Generator:
+        seed = self.seed if self.seed is not None else broadcast_seed(self.device)
+        return torch.Generator().manual_seed(int(seed))
+
+    def _groups(self, group_by):
+        op = self.operator
+        return parameter_groups(op.param_names, op.numels, group_by)
+
+    # ------------------------------------------------------------------ the three analyses
+    def eigenvalues(self, maxIter: int = 100, tol: float = 1e-3, top_n: int = 1, *,  # noqa: N803
+                    method: str | None = None, which: str = "LA"):
         """Top ``top_n`` eigenvalues and eigenvectors (lists of per-parameter tensors).
 
-        ``method="power"`` (default, PyHessian's, up to maxIter products per eigenvalue) or
-        ``"lanczos"`` (up to maxIter products in all; ``which`` = "LA" or "LM").
+        ``method="power"`` (PyHessian's; up to maxIter products per eigenvalue; finds the
+        largest magnitude) or ``"lanczos"`` (up to maxIter products in all; stops on a relative
+        eigenvalue error bound <= tol). ``which``: "LA" largest (default), "SA" smallest (most
+        negative; Lanczos), "LM" largest magnitude. Default method: power for "LA", else Lanczos.
         """
         op = self.operator
+        method = method or ("power" if which == "LA" else "lanczos")
         if method == "power":
-            res = power_iteration_top_eigenpairs(op, op.dim, top_n, max_iter=maxIter, tol=tol,
-                                                 **self._kwargs())
+            if which == "SA":
+                raise ValueError("power iteration cannot find the smallest eigenvalues; pass "
+                                 "method='lanczos' with which='SA'")
+            res = power_iteration_eigenpairs(op, top_n, max_iter=maxIter, tol=tol,
+                                             generator=self._generator())
         elif method == "lanczos":
-            res = lanczos_top_eigenpairs(op, op.dim, top_n, max_steps=maxIter, tol=tol,
-                                         which=which, batched=True, **self._kwargs())
+            res = lanczos_eigenpairs(op, top_n, which=which, max_steps=maxIter, tol=tol,
+                                     generator=self._generator())
         else:
             raise ValueError(f"unknown eigenvalue method {method!r}: use 'power' or 'lanczos'")
         self.last_result = res
         vectors = [op.to_list(v.to(op.dtype)) for v in res.eigenvectors]
         return list(res.eigenvalues), vectors
 
-    def trace(self, maxIter: int = 100, tol: float = 1e-3, *, method: str = "hutchinson",
-              num_matvecs: int | None = None):
-        """Per-probe trace estimates (their mean estimates tr(H)).
+    def trace(self, maxIter: int = 100, tol: float = 1e-3, *,  # noqa: N803
+              method: str = "hutchinson", rse: float | None = None, deflate: int | str = 0,
+              num_matvecs: int | None = None, per_layer: bool = False,
+              group_by: str = "module"):
+        """Per-probe trace estimates (their mean estimates tr(H); PyHessian's return value).
 
-        ``method="hutchinson"`` (default, PyHessian's stopping rule) or ``"hutchpp"`` with a
-        fixed budget of ``num_matvecs`` products (default ``maxIter``).
+        ``method="hutchinson"`` (default): PyHessian's stopping rule (relative change < tol)
+        unless ``rse`` is given (stop at that relative standard error); ``deflate`` = 0, an int
+        m or "auto" removes an m-step Krylov space first (exact part + Hutchinson on the rest).
+        ``method="hutchpp"``: Hutch++ with a fixed budget of ``num_matvecs`` (default maxIter).
+        ``per_layer=True`` returns ``(samples, per_layer)`` with ``per_layer`` a dict
+        group name -> that group's share of every sample (``group_by``: "module", "stage",
+        "parameter"); the shares of a probe add up to its sample, and their means estimate the
+        traces of the diagonal blocks.
         """
         op = self.operator
+        groups = self._groups(group_by) if per_layer else None
         if method == "hutchinson":
-            res = hutchinson_trace(op, op.dim, max_iter=maxIter, tol=tol, batched=True,
-                                   **self._kwargs())
+            res = hutchinson_trace(op, max_iter=maxIter, tol=tol, rse=rse, deflate=deflate,
+                                   groups=[g.index for g in groups] if groups else None,
+                                   generator=self._generator())
         elif method == "hutchpp":
-            res = hutchpp_trace(op, op.dim, num_matvecs or maxIter, batched=True,
-                                **self._kwargs())
+            if per_layer:
+                raise ValueError("per_layer=True needs method='hutchinson'")
+            res = hutchpp_trace(op, num_matvecs or maxIter, generator=self._generator())
         else:
             raise ValueError(f"unknown trace method {method!r}: use 'hutchinson' or 'hutchpp'")
         self.last_result = res
+        if per_layer:
+            cols = res.group_samples.T.tolist()
+            return list(res.samples), {g.name: c for g, c in zip(groups, cols)}
         return list(res.samples)
+
+    def diagonal(self, maxIter: int = 100, tol: float = 1e-3, *,  # noqa: N803
+                 rse: float | None = None, deflate: int | str = 0):
+        """Hutchinson's estimate of diag(H), a list of tensors shaped like ``params``.
+
+        The mean over Rademacher probes z of z * (H z) (Bekas, Kokiopoulou & Saad 2007); the
+        probes stop as in ``trace``. ``last_result.diagonal.stderr`` holds the elementwise
+        standard errors, ``last_result`` the trace from the same probes.
+        """
+        op = self.operator
+        res = hutchinson_trace(op, max_iter=maxIter, tol=tol, rse=rse, deflate=deflate,
+                               diagonal=True, generator=self._generator())
+        self.last_result = res
+        return op.to_list(res.diagonal.diagonal.to(op.dtype))
 
     def density(self, iter: int = 100, n_v: int = 1):  # noqa: A002 - PyHessian's name
         """SLQ: ``n_v`` runs of ``iter`` Lanczos steps -> (eigen_list_full, weight_list_full)."""
         op = self.operator
-        res = slq_density(op, op.dim, num_steps=iter, num_runs=n_v, batched=True,
-                          **self._kwargs())
+        res = slq_density(op, num_steps=iter, num_runs=n_v, generator=self._generator())
         self.last_result = res
         return res.nodes, res.weights

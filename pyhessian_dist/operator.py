@@ -21,20 +21,19 @@ Dropout is off in eval mode too.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from .distributed import CommTimer, all_reduce_
-from .distributed import get_world_size as _world
+from .operators import LinearOperator
 
 __all__ = ["HessianOperator", "HVP_MODES"]
 
-HVP_MODES = ("double_backward", "forward_over_reverse")  # and "auto": measured at set-up
+HVP_MODES = ("double_backward", "forward_over_reverse")
 
 
 def _available_memory_bytes(device: torch.device) -> int:
@@ -66,7 +65,7 @@ class _SavedBytes:
             if key not in self._seen:
                 self._seen.add(key)
                 self.bytes += storage.nbytes()
-        except Exception:  # noqa: BLE001 - some tensor subclasses have no storage
+        except Exception:
             pass
         return t
 
@@ -74,42 +73,48 @@ class _SavedBytes:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
 
-class HessianOperator:
+class HessianOperator(LinearOperator):
     """H v for the mean loss over every rank's mini-batches (see the module docstring).
 
     Args:
         model: an ``nn.Module``; put in eval mode here.
         criterion: ``criterion(model(x), y)`` must be the MEAN loss over the batch's samples
             (e.g. ``nn.CrossEntropyLoss()`` with its default reduction).
-        batches: this rank's mini-batches, an iterable of ``(x, y)``; sizes may differ. They
-            are moved to ``device`` once, here.
-        device: where data and vectors live (default: the device of the first parameter).
+        batches: this rank's mini-batches, an iterable of ``(x, y)``; sizes may differ.
+        device: where products are computed (default: the device of the first parameter).
         reuse_graph: keep each mini-batch's first-order graph so a product costs one extra
-            backward pass instead of forward + backward + backward. ``"auto"`` keeps it when
-            the estimated graph memory fits in ``memory_budget_bytes``.
-        memory_budget_bytes: budget for ``reuse_graph="auto"`` (default: half of the free
-            device memory, or of MemAvailable on CPU).
-        hvp_mode: ``"double_backward"`` (Pearlmutter's trick through reverse mode twice) or
-            ``"forward_over_reverse"`` (``torch.func.jvp`` of ``torch.func.grad``; no graph
-            reuse), or ``"auto"``: time two products of each at set-up (timings summed over
-            ranks, so every rank picks the same) and keep the faster; see ``mode_timings``.
+            backward pass instead of forward + backward + backward. ``"auto"`` keeps the graphs
+            of as many mini-batches as fit in ``memory_budget_bytes`` (the rest are recomputed
+            per product); ``True`` keeps all, ``False`` none.
+        data_on_device: ``"auto"`` moves the data to ``device`` once when it fits in a quarter of
+            the budget, else keeps it where it is (pinned host memory for CUDA) and moves one
+            mini-batch at a time per product; ``True`` / ``False`` force either.
+        memory_budget_bytes: budget for the ``"auto"`` choices (default: half of the free
+            device memory, or of MemAvailable on CPU, shared by ``local_processes``).
+        local_processes: processes of this job sharing this machine's memory (CPU budget).
+        hvp_mode: ``"double_backward"`` (Pearlmutter's trick through reverse mode twice; the
+            faster on CPU in our measurements, and the only one that reuses graphs) or
+            ``"forward_over_reverse"`` (``torch.func.jvp`` of ``torch.func.grad``).
         vectorize: for a ``(k, dim)`` block, run one vmapped backward (``is_grads_batched``)
             instead of k backward passes over the shared graph. Off by default: on CPU it
-            measured several times slower than the loop for a ResNet20.
+            measured slower than the loop for a ResNet20.
 
     Vectors are flat 1-D tensors of size ``dim`` (or 2-D ``(k, dim)`` blocks: ``k`` products
     at once) in the parameters' dtype on ``device``. Parameters with ``requires_grad=False``
-    are left out; parameters the forward does not use get zero rows/columns.
+    are left out; parameters the forward does not use get zero rows/columns. What is resident
+    (data, graphs) is in ``stats()`` and ``describe_memory()``.
     """
 
     def __init__(self, model: nn.Module, criterion: Callable, batches: Iterable,
                  *, device: torch.device | str | None = None, reuse_graph: bool | str = "auto",
-                 memory_budget_bytes: int | None = None, hvp_mode: str = "double_backward",
+                 data_on_device: bool | str = "auto", memory_budget_bytes: int | None = None,
+                 local_processes: int = 1, hvp_mode: str = "double_backward",
                  vectorize: bool = False):
-        if hvp_mode not in HVP_MODES + ("auto",):
-            raise ValueError(f"hvp_mode must be 'auto' or one of {HVP_MODES}, got {hvp_mode!r}")
-        if reuse_graph not in (True, False, "auto"):
-            raise ValueError("reuse_graph must be True, False or 'auto'")
+        if hvp_mode not in HVP_MODES:
+            raise ValueError(f"hvp_mode must be one of {HVP_MODES}, got {hvp_mode!r}")
+        for name, value in (("reuse_graph", reuse_graph), ("data_on_device", data_on_device)):
+            if value not in (True, False, "auto"):
+                raise ValueError(f"{name} must be True, False or 'auto', got {value!r}")
         self.model = model.eval()
         self.criterion = criterion
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -117,25 +122,31 @@ class HessianOperator:
             raise ValueError("the model has no trainable parameters (all have requires_grad="
                              "False); unfreeze the parameters whose Hessian you want")
         self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.device = torch.device(device) if device is not None else self.params[0].device
-        self.dtype = self.params[0].dtype
         self.shapes = [p.shape for p in self.params]
         self.numels = [p.numel() for p in self.params]
-        self.dim = sum(self.numels)
-        self.hvp_mode = "double_backward" if hvp_mode == "auto" else hvp_mode
-        self.mode_timings = None
+        super().__init__(sum(self.numels), self.params[0].dtype,
+                         device if device is not None else self.params[0].device)
+        self.hvp_mode = hvp_mode
         self._theta = None
         self.comm = CommTimer()
-        self.num_matvecs = 0
         self.compute_seconds = 0.0
+        self.vectorize = vectorize
 
-        self.batches = []
-        for batch in batches:
-            x, y = batch[0], batch[1]
-            if len(y) == 0:
-                continue
-            self.batches.append((self._to_device(x), y.to(self.device, non_blocking=True)))
-        self.local_num_samples = sum(len(y) for _x, y in self.batches)
+        if memory_budget_bytes is None:
+            memory_budget_bytes = _available_memory_bytes(self.device) // 2
+            if self.device.type == "cpu":
+                memory_budget_bytes //= max(1, int(local_processes))
+        self.memory_budget_bytes = int(memory_budget_bytes)
+        self._set_data(batches, data_on_device)
+        self.graph_bytes_estimate = None
+        self._graphs: list[torch.Tensor] = []
+        self._first_order_pass(reuse_graph)
+
+    # ------------------------------------------------------------------ data
+    def _set_data(self, batches, data_on_device) -> None:
+        """Keep this rank's non-empty mini-batches, on the device or on the host (see class)."""
+        kept = [(b[0], b[1]) for b in batches if len(b[1]) > 0]
+        self.local_num_samples = sum(len(y) for _x, y in kept)
         total = torch.tensor([float(self.local_num_samples)], dtype=torch.float64,
                              device=self.device)
         all_reduce_(total)
@@ -144,29 +155,34 @@ class HessianOperator:
             raise ValueError("no data: every rank was given zero samples; pass at least one "
                              "non-empty mini-batch")
         # n_b / N folds the weighting into each mini-batch's loss, so sums need no division.
-        self.weights = [len(y) / self.num_samples for _x, y in self.batches]
+        self.weights = [len(y) / self.num_samples for _x, y in kept]
+        self.data_bytes = sum(_nbytes(x) + _nbytes(y) for x, y in kept)
+        if data_on_device == "auto":
+            data_on_device = self.data_bytes <= self.memory_budget_bytes // 4
+        self.data_on_device = bool(data_on_device) or self.device.type == "cpu"
+        if self.data_on_device:
+            kept = [(self._to_device(x), self._to_device(y)) for x, y in kept]
+        elif self.device.type == "cuda":
+            kept = [(_pin(x), _pin(y)) for x, y in kept]
+        self.batches = kept
 
-        if memory_budget_bytes is None:
-            memory_budget_bytes = _available_memory_bytes(self.device) // 2
-        self.memory_budget_bytes = int(memory_budget_bytes)
-        self.graph_bytes_estimate = None
-        self._graphs: list[torch.Tensor] | None = None
-        self.vectorize = vectorize
-        self._first_order_pass(reuse_graph)
-        if hvp_mode == "auto":
-            self._choose_mode()
-
-    # ------------------------------------------------------------------ helpers
     def _to_device(self, x):
         if isinstance(x, (tuple, list)):
             return type(x)(self._to_device(t) for t in x)
         return x.to(self.device, non_blocking=True)
 
-    def _forward_loss(self, b: int) -> torch.Tensor:
+    def _batch(self, b: int):
         x, y = self.batches[b]
+        if self.data_on_device:
+            return x, y
+        return self._to_device(x), self._to_device(y)
+
+    def _forward_loss(self, b: int) -> torch.Tensor:
+        x, y = self._batch(b)
         out = self.model(*x) if isinstance(x, (tuple, list)) else self.model(x)
         return self.criterion(out, y) * self.weights[b]
 
+    # ------------------------------------------------------------------ vectors
     def flatten(self, tensors: Sequence[torch.Tensor], batched: bool = False) -> torch.Tensor:
         """Per-parameter tensors -> one flat vector (or (k, dim) block when batched)."""
         if batched:
@@ -189,6 +205,14 @@ class HessianOperator:
     def parameters_vector(self) -> torch.Tensor:
         return self.flatten([p.detach() for p in self.params])
 
+    def parameter_slices(self) -> list[tuple[str, slice]]:
+        """(name, slice of the flat vector) of every trainable parameter, in order."""
+        out, start = [], 0
+        for name, n in zip(self.param_names, self.numels):
+            out.append((name, slice(start, start + n)))
+            start += n
+        return out
+
     # --------------------------------------------------------- first-order pass
     def _grad(self, loss: torch.Tensor, create_graph: bool) -> torch.Tensor:
         grads = torch.autograd.grad(loss, self.params, create_graph=create_graph,
@@ -196,25 +220,29 @@ class HessianOperator:
         return self.flatten(grads)
 
     def _first_order_pass(self, reuse_graph) -> None:
-        """Loss and gradient over all data (one all-reduce); keeps graphs when reusing."""
-        keep = reuse_graph is not False and self.hvp_mode == "double_backward"
+        """Loss and gradient over all data (one all-reduce); keeps the graphs of as many
+        mini-batches as ``reuse_graph`` allows (their size measured on the first one)."""
+        keep = 0 if reuse_graph is False or self.hvp_mode != "double_backward" else None
         buf = torch.zeros(self.dim + 1, dtype=torch.float64, device=self.device)
         graphs = []
         for b in range(len(self.batches)):
-            if keep:
-                counter = _SavedBytes()  # measured on the first mini-batch only
-                with counter.hooks() if b == 0 else contextlib.nullcontext():
+            if keep is None:  # first mini-batch: measure what a graph holds
+                counter = _SavedBytes()
+                with counter.hooks():
                     loss = self._forward_loss(b)
                     g = self._grad(loss, create_graph=True)
-                if b == 0:
-                    self.graph_bytes_estimate = counter.bytes * len(self.batches)
-                    if reuse_graph == "auto" and self.graph_bytes_estimate > self.memory_budget_bytes:
-                        keep = False
-                if keep:
-                    graphs.append(g)
+                per_batch = max(counter.bytes, 1)
+                self.graph_bytes_estimate = per_batch * len(self.batches)
+                keep = len(self.batches) if reuse_graph is True else min(
+                    len(self.batches), self.memory_budget_bytes // per_batch)
+            elif b < keep:
+                loss = self._forward_loss(b)
+                g = self._grad(loss, create_graph=True)
             else:
                 loss = self._forward_loss(b)
                 g = self._grad(loss, create_graph=False)
+            if b < keep:
+                graphs.append(g)
             buf[:-1] += g.detach().to(torch.float64)
             buf[-1] += loss.detach().to(torch.float64)
         all_reduce_(buf, self.comm)
@@ -224,31 +252,12 @@ class HessianOperator:
                 "non-finite values; check the checkpoint and the input normalisation")
         self._gradient = buf[:-1].to(self.dtype)
         self._loss = buf[-1].item()
-        self._graphs = graphs if keep else None
-        self.reuse_graph = keep
+        self._graphs = graphs
 
-    def _choose_mode(self) -> None:
-        """Time both HVP modes on the real data (second call of each counts) and keep the
-        faster. The timings are all-reduced so that all ranks take the same decision."""
-        v = torch.ones(self.dim, dtype=self.dtype, device=self.device)
-        seconds = torch.zeros(len(HVP_MODES), dtype=torch.float64, device=self.device)
-        for i, mode in enumerate(HVP_MODES):
-            self.hvp_mode = mode
-            for _ in range(2):
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                t0 = time.perf_counter()
-                self.matvec(v)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-            seconds[i] = time.perf_counter() - t0
-        all_reduce_(seconds)
-        self.hvp_mode = HVP_MODES[int(torch.argmin(seconds))]
-        self.mode_timings = dict(zip(HVP_MODES, (seconds / max(1, _world())).tolist()))
-        if self.hvp_mode != "double_backward":
-            self.release()
-        self.num_matvecs, self.compute_seconds = 0, 0.0
-        self.comm.seconds, self.comm.calls = 0.0, 0
+    @property
+    def reuse_graph(self) -> bool:
+        """True when every mini-batch's first-order graph is kept."""
+        return len(self._graphs) == len(self.batches) and len(self.batches) > 0
 
     def gradient(self) -> torch.Tensor:
         """Flat gradient of the mean loss over all ranks' data (computed at construction)."""
@@ -260,9 +269,8 @@ class HessianOperator:
 
     # ----------------------------------------------------------------- products
     def _second_backward(self, g: torch.Tensor, V: torch.Tensor, retain: bool) -> torch.Tensor:
-        """Rows of V times the Jacobian of g (= H_b V for g = grad L_b)."""
-        batched = V.dim() == 2
-        if batched and self.vectorize:
+        """Rows of V (k, dim) times the Jacobian of g (= H_b V for g = grad L_b)."""
+        if self.vectorize and len(V) > 1:
             try:
                 out = torch.autograd.grad(g, self.params, grad_outputs=V, retain_graph=True,
                                           allow_unused=True, materialize_grads=True,
@@ -271,18 +279,18 @@ class HessianOperator:
             except RuntimeError:
                 # some ops lack batching rules for their double backward: loop instead
                 self.vectorize = False
-        if batched:
-            rows = [self._second_backward(g, V[i], retain=retain or i < len(V) - 1)
-                    for i in range(len(V))]
-            return torch.stack(rows)
-        out = torch.autograd.grad(g, self.params, grad_outputs=V, retain_graph=retain,
-                                  allow_unused=True, materialize_grads=True)
-        return self.flatten(out)
+        rows = []
+        for i in range(len(V)):
+            out = torch.autograd.grad(g, self.params, grad_outputs=V[i],
+                                      retain_graph=retain or i < len(V) - 1,
+                                      allow_unused=True, materialize_grads=True)
+            rows.append(self.flatten(out))
+        return torch.stack(rows)
 
     def _forward_over_reverse(self, b: int, V: torch.Tensor) -> torch.Tensor:
         from torch.func import functional_call, grad, jvp, vmap
 
-        x, y = self.batches[b]
+        x, y = self._batch(b)
         w = self.weights[b]
         names = self.param_names
 
@@ -304,52 +312,74 @@ class HessianOperator:
         with warnings.catch_warnings():
             # torch's forward-AD decompositions still call torch.jit.script on first use
             warnings.filterwarnings("ignore", message=".*torch.jit.script", category=FutureWarning)
-            if V.dim() == 1:
-                return hvp(V)
             return vmap(hvp)(V) if self.vectorize else torch.stack([hvp(v) for v in V])
 
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """H v for a flat ``v`` of size ``dim``, or H V^T row-wise for a ``(k, dim)`` block.
-
-        One all-reduce of the result per call, whatever ``k`` and the number of batches.
-        """
-        if v.dim() not in (1, 2) or v.shape[-1] != self.dim:
-            raise ValueError(f"expected shape ({self.dim},) or (k, {self.dim}), got {tuple(v.shape)}")
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """H applied to the rows of V (k, dim): this rank's sum over its mini-batches, then ONE
+        all-reduce of the (k, dim) result, whatever k and the number of mini-batches."""
         t0 = time.perf_counter()
-        v = v.to(self.device, self.dtype)
-        out = torch.zeros_like(v)
+        out = torch.zeros_like(V)
         with torch.enable_grad():
             for b in range(len(self.batches)):
                 if self.hvp_mode == "forward_over_reverse":
-                    out += self._forward_over_reverse(b, v)
+                    out += self._forward_over_reverse(b, V)
                     continue
-                if self._graphs is not None:
-                    g = self._graphs[b]
-                else:
-                    g = self._grad(self._forward_loss(b), create_graph=True)
+                kept = b < len(self._graphs)
+                g = self._graphs[b] if kept else self._grad(self._forward_loss(b), True)
                 if g.requires_grad:  # else the loss is linear in theta here: H_b = 0
-                    out += self._second_backward(g, v, retain=self._graphs is not None)
+                    out += self._second_backward(g, V, retain=kept)
         all_reduce_(out, self.comm)
-        self.num_matvecs += 1 if v.dim() == 1 else v.shape[0]
         self.compute_seconds += time.perf_counter() - t0
         return out
 
-    __call__ = matvec
-
     def release(self) -> None:
         """Drop the retained graphs (frees their memory; later products recompute)."""
-        self._graphs = None
-        self.reuse_graph = False
+        self._graphs = []
+
+    def describe_memory(self) -> str:
+        """One line: where the data lives and how many first-order graphs are kept."""
+        n = len(self.batches)
+        data = (f"data {self.data_bytes / 2**20:.0f} MiB on {self.device.type}"
+                if self.data_on_device else
+                f"data {self.data_bytes / 2**20:.0f} MiB on the host, moved per mini-batch")
+        if self.hvp_mode != "double_backward":
+            graphs = "no graphs kept (forward-over-reverse)"
+        elif not self._graphs:
+            graphs = "first-order graphs recomputed per product"
+        else:
+            per = (self.graph_bytes_estimate or 0) / max(n, 1)
+            graphs = (f"first-order graphs kept for {len(self._graphs)}/{n} mini-batches "
+                      f"(~{per * len(self._graphs) / 2**20:.0f} MiB)")
+        return (f"{data}; {graphs}; budget {self.memory_budget_bytes / 2**20:.0f} MiB per "
+                "process")
 
     def stats(self) -> dict:
-        """Counters for reports: products, seconds in products, seconds in all-reduce."""
+        """Counters for reports: products, seconds in products and in all-reduce, memory."""
         return {
             "num_matvecs": self.num_matvecs,
             "matvec_seconds": self.compute_seconds,
             "allreduce_seconds": self.comm.seconds,
             "allreduce_calls": self.comm.calls,
-            "reuse_graph": self.reuse_graph,
-            "graph_bytes_estimate": self.graph_bytes_estimate,
             "hvp_mode": self.hvp_mode,
-            "hvp_mode_timings_s": self.mode_timings,
+            "graphs_kept": len(self._graphs),
+            "num_mini_batches": len(self.batches),
+            "graph_bytes_estimate": self.graph_bytes_estimate,
+            "data_bytes": self.data_bytes,
+            "data_on_device": self.data_on_device,
+            "memory_budget_bytes": self.memory_budget_bytes,
         }
+
+
+def _nbytes(x) -> int:
+    if isinstance(x, (tuple, list)):
+        return sum(_nbytes(t) for t in x)
+    return x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0
+
+
+def _pin(x):
+    if isinstance(x, (tuple, list)):
+        return type(x)(_pin(t) for t in x)
+    try:
+        return x.pin_memory()
+    except RuntimeError:  # no CUDA driver: leave it as it is
+        return x

@@ -4,8 +4,10 @@ import torch
 from torch import nn
 
 from dist_harness import run_distributed
-from pyhessian_dist import (HessianOperator, hutchinson_trace, lanczos_top_eigenpairs,
+from pyhessian_dist import (HessianOperator, hutchinson_trace, lanczos_eigenpairs,
                             slq_density)
+from pyhessian_dist.algorithms import lanczos_group_eigenpairs
+from pyhessian_dist.groups import parameter_groups
 from tiny import SIZES, make, split_uneven
 
 CE = nn.CrossEntropyLoss()
@@ -18,14 +20,19 @@ def analyse(rank, world_size, kind, deal):
     mine = [b for i, b in enumerate(batches) if deal(i, world_size) == rank]
     op = HessianOperator(model, CE, mine)
     v = torch.linspace(-1, 1, op.dim, dtype=torch.float64)
-    kw = dict(dtype=op.dtype, device=op.device, batched=True)
-    eig = lanczos_top_eigenpairs(op, op.dim, 2, tol=1e-8,
-                                 generator=torch.Generator().manual_seed(0), **kw)
-    tr = hutchinson_trace(op, op.dim, max_iter=20, tol=0.0,
-                          generator=torch.Generator().manual_seed(1), **kw)
-    d = slq_density(op, op.dim, num_steps=10, num_runs=2,
-                    generator=torch.Generator().manual_seed(2), **kw)
+    eig = lanczos_eigenpairs(op, 2, tol=1e-8, generator=torch.Generator().manual_seed(0))
+    bottom = lanczos_eigenpairs(op, 2, which="SA", tol=1e-8,
+                                generator=torch.Generator().manual_seed(4))
+    groups = [g.index for g in parameter_groups(op.param_names, op.numels, "module")]
+    tr = hutchinson_trace(op, max_iter=20, tol=0.0, deflate=3, groups=groups, diagonal=True,
+                          generator=torch.Generator().manual_seed(1), block_size=4)
+    blocks = lanczos_group_eigenpairs(op, groups, k=1, tol=1e-8,
+                                      generator=torch.Generator().manual_seed(3))
+    d = slq_density(op, num_steps=10, num_runs=2, generator=torch.Generator().manual_seed(2))
     return {"Hv": op.matvec(v).tolist(), "eig": eig.eigenvalues, "trace": tr.trace,
+            "bottom": bottom.eigenvalues, "group_traces": tr.group_traces()[0],
+            "diagonal": tr.diagonal.diagonal.tolist(),
+            "blocks": [b.eigenvalues[0] for b in blocks],
             "nodes": d.nodes, "n": op.num_samples, "local": op.local_num_samples,
             "allreduces": op.comm.calls, "matvecs": op.num_matvecs}
 
@@ -60,6 +67,10 @@ def _check_same(per_rank, ref):
                                    rtol=1e-6, atol=1e-12)
         assert r["eig"] == pytest.approx(ref["eig"], rel=1e-6)
         assert r["trace"] == pytest.approx(ref["trace"], rel=1e-6)
+        assert r["bottom"] == pytest.approx(ref["bottom"], rel=1e-6, abs=1e-12)
+        assert r["group_traces"] == pytest.approx(ref["group_traces"], rel=1e-6, abs=1e-12)
+        assert r["diagonal"] == pytest.approx(ref["diagonal"], rel=1e-6, abs=1e-12)
+        assert r["blocks"] == pytest.approx(ref["blocks"], rel=1e-6, abs=1e-12)
         for a, b in zip(r["nodes"], ref["nodes"]):
             assert a == pytest.approx(b, rel=1e-6, abs=1e-10)
         # one all-reduce per operator call (+1 for the set-up pass), never one per parameter

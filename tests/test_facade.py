@@ -1,76 +1,153 @@
-"""The PyHessian-compatible `hessian` class gives the numbers of the underlying functions."""
+"""The PyHessian-compatible `hessian` class against exact references, and PyHessian's helpers."""
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from pyhessian_dist import (HessianOperator, hessian, hutchinson_trace, hutchpp_trace,
-                            lanczos_top_eigenpairs, power_iteration_top_eigenpairs,
-                            slq_density)
+from pyhessian_dist import hessian
+from pyhessian_dist.utils import (get_params_grad, group_add, group_product,
+                                  hessian_vector_product, normalization, orthnormal)
 from tiny import SIZES, dense_hessian, make, split_uneven
 
 CE = nn.CrossEntropyLoss()
+F64 = torch.float64
 
 
-def setup():
+def build(seed=None, **kw):
     model, x, y = make("cnn")
     batches = split_uneven(x, y, SIZES)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        h = hessian(model, CE, dataloader=batches, cuda=False, seed=5)
-    op = HessianOperator(model, CE, batches)
-    kw = dict(dtype=op.dtype, device=op.device)
-    return h, op, kw, dense_hessian(model, CE, x, y)
+        h = hessian(model, CE, dataloader=batches, cuda=False, seed=seed, **kw)
+    return h, dense_hessian(model, CE, x, y)
 
 
-def gen():
-    return torch.Generator().manual_seed(5)
+def flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
 
 
-def test_eigenvalues_power_and_lanczos_match_functions_and_exact():
-    h, op, kw, H = setup()
-    vals, vecs = h.eigenvalues(top_n=2, maxIter=200, tol=1e-8)
-    ref = power_iteration_top_eigenpairs(op, op.dim, 2, max_iter=200, tol=1e-8,
-                                         generator=gen(), **kw)
-    assert vals == pytest.approx(ref.eigenvalues, rel=1e-10)
+def test_eigenvalues_power_and_lanczos_match_eigvalsh():
+    h, H = build(seed=5)
+    exact = torch.linalg.eigvalsh(H).flip(0)
+    vals, vecs = h.eigenvalues(top_n=2, maxIter=60, tol=1e-5)
+    # power iteration finds the largest magnitudes; this Hessian's are its top two
+    assert vals == pytest.approx(exact[:2].tolist(), rel=2e-2)
     assert len(vecs) == 2 and [t.shape for t in vecs[0]] == [p.shape for p in h.params]
-    exact = torch.linalg.eigvalsh(H)
-    lvals, lvecs = h.eigenvalues(top_n=3, method="lanczos", tol=1e-8)
-    lref = lanczos_top_eigenpairs(op, op.dim, 3, tol=1e-8, generator=gen(), batched=True, **kw)
-    assert lvals == pytest.approx(lref.eigenvalues, rel=1e-10)
-    assert lvals == pytest.approx(exact.flip(0)[:3].tolist(), rel=1e-6)
-    v = op.from_list(lvecs[0])
+    lvals, lvecs = h.eigenvalues(top_n=3, method="lanczos", tol=1e-10)
+    assert lvals == pytest.approx(exact[:3].tolist(), rel=1e-8)
+    v = flat(lvecs[0])
     assert torch.linalg.norm(H @ v - lvals[0] * v) < 1e-5 * abs(lvals[0])
     assert h.last_result.method == "lanczos" and h.last_result.converged
 
 
-def test_trace_and_density_match_functions():
-    h, op, kw, H = setup()
-    samples = h.trace(maxIter=50, tol=1e-3)
-    ref = hutchinson_trace(op, op.dim, max_iter=50, tol=1e-3, generator=gen(), **kw)
-    assert samples == pytest.approx(ref.samples, rel=1e-10)
-    pp = h.trace(method="hutchpp", num_matvecs=30)
-    ref_pp = hutchpp_trace(op, op.dim, 30, generator=gen(), **kw)
-    assert pp == pytest.approx(ref_pp.samples, rel=1e-9)
-    assert h.last_result.trace == pytest.approx(H.trace().item(), abs=3 * h.last_result.stderr)
-    nodes, weights = h.density(iter=15, n_v=2)
-    d = slq_density(op, op.dim, num_steps=15, num_runs=2, generator=gen(), **kw)
-    assert len(nodes) == 2 and len(nodes[0]) == 15
-    for a, b in zip(nodes, d.nodes):
-        assert a == pytest.approx(b, rel=1e-9, abs=1e-12)
-    assert sum(weights[1]) == pytest.approx(1.0)
+def test_smallest_eigenvalues_with_which_SA():
+    h, H = build(seed=1)
+    exact = torch.linalg.eigvalsh(H)
+    assert exact[0] < 0  # this tiny CNN has negative curvature
+    vals, vecs = h.eigenvalues(top_n=2, which="SA", tol=1e-10)
+    assert vals == pytest.approx(exact[:2].tolist(), rel=1e-7, abs=1e-10)
+    v = flat(vecs[0])
+    assert torch.linalg.norm(H @ v - vals[0] * v) < 1e-5 * max(1.0, abs(vals[0]))
+    with pytest.raises(ValueError, match="method='lanczos'"):
+        h.eigenvalues(which="SA", method="power")
 
 
-def test_single_batch_data_and_gradsH():
+def test_trace_and_density_match_exact():
+    h, H = build(seed=5)
+    samples = h.trace(maxIter=300, tol=0.0)
+    res = h.last_result
+    assert len(samples) == 300 and res.trace == sum(samples) / len(samples)
+    assert abs(res.trace - H.trace().item()) <= 4 * res.stderr
+    h.trace(method="hutchpp", num_matvecs=60)
+    assert abs(h.last_result.trace - H.trace().item()) <= 4 * h.last_result.stderr
+    nodes, weights = h.density(iter=120, n_v=1)  # more steps than dim: the exact spectrum
+    torch.testing.assert_close(torch.tensor(sorted(nodes[0]), dtype=F64),
+                               torch.linalg.eigvalsh(H), atol=1e-8, rtol=1e-8)
+    assert sum(weights[0]) == pytest.approx(1.0)
+
+
+def test_per_layer_trace_and_diagonal_against_exact_blocks():
+    h, H = build(seed=2)
+    samples, per_layer = h.trace(maxIter=300, tol=0.0, per_layer=True)
+    assert list(per_layer) == ["conv", "bn", "fc"]
+    sums = torch.tensor(list(per_layer.values()), dtype=F64).sum(0)
+    torch.testing.assert_close(sums, torch.tensor(samples, dtype=F64))  # probe by probe
+    offsets = [0]
+    for n in h.operator.numels:
+        offsets.append(offsets[-1] + n)
+    bounds = {"conv": (0, offsets[2]), "bn": (offsets[2], offsets[4]), "fc": (offsets[4], offsets[6])}
+    for name, col in per_layer.items():
+        a, b = bounds[name]
+        t = torch.tensor(col, dtype=F64)
+        se = t.std() / len(col) ** 0.5
+        assert abs(t.mean() - H[a:b, a:b].trace()) <= 4 * se
+    diag = flat(h.diagonal(maxIter=300, tol=0.0))
+    se = h.last_result.diagonal.stderr
+    assert ((diag - torch.diagonal(H)).abs() <= 4.5 * se + 1e-12).all()
+
+
+def test_global_rng_by_default_and_reproducible_with_seed():
+    h, _ = build()
+    torch.manual_seed(0)
+    first = h.trace(maxIter=5, tol=0.0)
+    second = h.trace(maxIter=5, tol=0.0)
+    assert first != second  # repeated calls draw new probes, as PyHessian's do
+    torch.manual_seed(0)
+    assert h.trace(maxIter=5, tol=0.0) == first  # ... from torch's global RNG
+    s, _ = build(seed=3)
+    assert s.trace(maxIter=5, tol=0.0) == s.trace(maxIter=5, tol=0.0)
+
+
+def test_single_batch_gradsH_and_pyhessian_helpers():
     model, x, y = make("mlp")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         h = hessian(model, CE, data=(x, y), cuda=False)
-    loss = CE(model(x), y)
-    grads = torch.autograd.grad(loss, list(model.parameters()))
+    H = dense_hessian(model, CE, x, y)
+    grads = torch.autograd.grad(CE(model(x), y), list(model.parameters()))
     for a, b in zip(h.gradsH, grads):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a.detach(), b)
+    v = [torch.randn_like(p) for p in h.params]
+    Hv = hessian_vector_product(h.gradsH, h.params, v)  # PyHessian's way, through gradsH
+    torch.testing.assert_close(flat(Hv), H @ flat(v))
+    vHv, THv = h.dataloader_hv_product(v)
+    torch.testing.assert_close(flat(THv), H @ flat(v))
+    assert vHv == pytest.approx(float(flat(v) @ H @ flat(v)))
+    # the list helpers mean what PyHessian's mean
+    assert float(group_product(v, v)) == pytest.approx(float(flat(v) @ flat(v)))
+    u = normalization(v)
+    assert float(group_product(u, u)) == pytest.approx(1.0, abs=1e-5)
+    other = [torch.randn_like(t) for t in v]
+    w = orthnormal([t.clone() for t in other], [u])
+    assert abs(float(group_product(w, u))) < 1e-6
+    assert float(group_product(w, w)) == pytest.approx(1.0, abs=1e-5)
+    before = [t.clone() for t in v]
+    group_add(v, u, alpha=2.0)
+    torch.testing.assert_close(flat(v), flat(before) + 2.0 * flat(u))
+    model.zero_grad()
+    CE(model(x), y).backward()
+    params, g = get_params_grad(model)
+    assert len(params) == len(g) == 4
+    torch.testing.assert_close(flat(g), flat(grads))
+
+
+def test_dataloader_gradsH_is_the_full_data_gradient():
+    h, H = build()
+    model, x, y = make("cnn")
+    grads = torch.autograd.grad(CE(model.eval()(x), y), list(model.parameters()))
+    torch.testing.assert_close(flat([g.detach() for g in h.gradsH]), flat(grads))
+    v = [torch.randn_like(p) for p in h.params]
+    torch.testing.assert_close(flat(hessian_vector_product(h.gradsH, h.params, v)),
+                               H @ flat(v), rtol=1e-6, atol=1e-10)
+
+
+def test_data_can_stay_on_the_host():
+    h, H = build(seed=0, data_on_device=False, reuse_graph=False)
+    assert "on the host" in h.operator.describe_memory() or h.device.type == "cpu"
+    v = [torch.randn_like(p) for p in h.params]
+    _vHv, THv = h.dataloader_hv_product(v)
+    torch.testing.assert_close(flat(THv), H @ flat(v), rtol=1e-6, atol=1e-10)
 
 
 def test_cuda_true_without_gpu_warns_once_and_runs_on_cpu():
@@ -93,3 +170,5 @@ def test_bad_arguments():
         h.eigenvalues(top_n=10_000)
     with pytest.raises(ValueError, match="method"):
         h.trace(method="magic")
+    with pytest.raises(ValueError, match="group_by"):
+        h.trace(per_layer=True, group_by="magic")

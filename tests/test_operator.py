@@ -123,14 +123,42 @@ def test_bad_inputs_raise_clear_errors():
         op.matvec(torch.zeros(op.dim + 1, dtype=torch.float64))
     with pytest.raises(ValueError, match="hvp_mode"):
         HessianOperator(model, CE, [(x, y)], hvp_mode="magic")
+    with pytest.raises(ValueError, match="data_on_device"):
+        HessianOperator(model, CE, [(x, y)], data_on_device="sometimes")
 
 
-def test_auto_mode_picks_a_mode_and_stays_exact():
+def test_partial_graph_reuse_and_host_data_stay_exact():
+    """A budget for two graphs keeps two (the rest are recomputed); data kept on the host and
+    moved per product give the same products."""
     model, x, y = make("cnn")
     H = dense_hessian(model, CE, x, y)
-    op = HessianOperator(model, CE, split_uneven(x, y, SIZES), hvp_mode="auto")
-    assert op.hvp_mode in ("double_backward", "forward_over_reverse")
-    assert set(op.mode_timings) == {"double_backward", "forward_over_reverse"}
-    assert op.num_matvecs == 0  # the timing products are not counted as work
-    v = torch.linspace(0, 1, op.dim, dtype=torch.float64)
-    torch.testing.assert_close(op.matvec(v), H @ v, rtol=1e-6, atol=1e-10)
+    batches = split_uneven(x, y, SIZES)
+    probe = HessianOperator(model, CE, batches, reuse_graph=True)
+    per_batch = probe.graph_bytes_estimate // len(SIZES)
+    op = HessianOperator(model, CE, batches, memory_budget_bytes=2 * per_batch + 1,
+                         data_on_device=False)
+    assert op.stats()["graphs_kept"] == 2 and not op.reuse_graph
+    assert "kept for 2/4 mini-batches" in op.describe_memory()
+    V = torch.randn(3, op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(op.matvec(V), V @ H, rtol=1e-6, atol=1e-10)
+    none = HessianOperator(model, CE, batches, reuse_graph=False)
+    assert none.stats()["graphs_kept"] == 0 and "recomputed" in none.describe_memory()
+    torch.testing.assert_close(none.matvec(V), V @ H, rtol=1e-6, atol=1e-10)
+
+
+def test_parameter_slices_and_groups_cover_the_vector():
+    from pyhessian_dist.groups import parameter_groups
+
+    model, x, y = make("cnn")
+    op = HessianOperator(model, CE, [(x, y)])
+    slices = op.parameter_slices()
+    assert [n for n, _ in slices] == op.param_names and slices[-1][1].stop == op.dim
+    for by, expected in (("module", ["conv", "bn", "fc"]),
+                         ("parameter", op.param_names),
+                         ("stage", ["conv", "bn", "fc"])):
+        groups = parameter_groups(op.param_names, op.numels, by)
+        assert [g.name for g in groups] == expected
+        covered = torch.zeros(op.dim, dtype=torch.long)
+        for g in groups:
+            covered[g.index] += 1
+        assert (covered == 1).all()
