@@ -21,7 +21,7 @@ def perturbed(model):
     """Give BN buffers non-default values so a round trip that drops them would show."""
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, buf in model.named_buffers():
+        for buf in model.buffers():
             if buf.is_floating_point():
                 buf.add_(torch.rand(buf.shape, generator=g))
         for p in model.parameters():
@@ -52,20 +52,34 @@ def test_original_format_infers_architecture(tmp_path, batch_norm, residual, pre
     assert same_outputs(model, loaded)
 
 
-@pytest.mark.parametrize("depth,num_classes", [(32, 10), (8, 100)])
+# Parameter counts worked out by hand (BN + residual): conv1+bn1 464; per stage-1 block 4,672;
+# first block of stage 2 / 3 (with projection) 14,528 / 57,728, later blocks 18,560 / 73,984;
+# fc 65 * num_classes.  ResNet20 gives the original's 272,474 the same way.
+HAND_COUNTS = {(32, 10): 466_906, (8, 100): 83_892}
+
+
+@pytest.mark.parametrize("depth,num_classes", sorted(HAND_COUNTS))
 def test_original_format_infers_depth_and_classes(tmp_path, depth, num_classes):
+    model = perturbed(resnet(depth, num_classes=num_classes)).eval()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = model(x)  # the saved model's outputs, recorded before it is saved
     path = tmp_path / "net.pkl"
-    save_plain(resnet(depth, num_classes=num_classes), path)
+    save_plain(model, path)
+    del model
     loaded, meta = utils.load_checkpoint(path)
     assert meta["arch"]["depth"] == depth and meta["arch"]["num_classes"] == num_classes
-    assert utils.count_parameters(loaded) == utils.count_parameters(resnet(depth, num_classes=num_classes))
+    assert utils.count_parameters(loaded) == HAND_COUNTS[(depth, num_classes)]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), before)
 
 
 def test_real_original_checkpoint(original_net_path):
     raw = torch.load(original_net_path, map_location="cpu", weights_only=True)
     assert len(raw) == 128 and all(k.startswith("module.") for k in raw)
     model, meta = utils.load_checkpoint(original_net_path)
-    assert meta["arch"] == {"name": "resnet", "depth": 20, "batch_norm": True, "residual": True, "num_classes": 10}
+    assert meta["arch"] == {"name": "resnet", "depth": 20, "batch_norm": True, "residual": True,
+                            "num_classes": 10}
     assert meta["source"] == "original-state-dict"
     assert utils.count_parameters(model) == 272_474
     for k, v in model.state_dict().items():
@@ -89,13 +103,16 @@ def test_our_format_round_trip(tmp_path):
                           test_accuracy=81.5, args=args)
     raw = torch.load(path, weights_only=True)  # only plain types inside
     assert raw["format"] == "pyhessian-dist-checkpoint" and raw["format_version"] == 1
-    assert raw["args"]["lr_decay_epoch"] == [80, 120] and raw["args"]["saving_folder"] == str(tmp_path)
+    assert raw["args"]["lr_decay_epoch"] == [80, 120]
+    assert raw["args"]["saving_folder"] == str(tmp_path)
     assert raw["torch_version"] == torch.__version__
     assert not any(k.startswith("module.") for k in raw["state_dict"])
     loaded, meta = utils.load_checkpoint(path)
-    assert meta["arch"] == {"name": "resnet", "depth": 8, "batch_norm": True, "residual": False, "num_classes": 7}
+    assert meta["arch"] == {"name": "resnet", "depth": 8, "batch_norm": True, "residual": False,
+                            "num_classes": 7}
     assert meta["source"] == "pyhessian-dist"
-    assert (meta["dataset"], meta["normalization"], meta["epoch"], meta["test_accuracy"]) == ("synthetic", norm, 3, 81.5)
+    recorded = (meta["dataset"], meta["normalization"], meta["epoch"], meta["test_accuracy"])
+    assert recorded == ("synthetic", norm, 3, 81.5)
     assert same_outputs(model, loaded)
     assert not [f for f in os.listdir(path.parent) if f != "ck.pkl"]  # no temp files left
 
@@ -149,24 +166,107 @@ def test_truncated_file(tmp_path, legacy):
     with pytest.raises(utils.CheckpointError) as info:
         utils.load_checkpoint(path)
     msg = str(info.value)
-    assert msg.startswith(f"cannot read checkpoint {path}: ") and "complete file" in msg and "\n" not in msg
+    assert msg.startswith(f"cannot read checkpoint {path}: ") and "complete file" in msg
+    assert "\n" not in msg
 
 
 def test_truncated_real_original(tmp_path, original_net_path):
-    data = open(original_net_path, "rb").read()
+    with open(original_net_path, "rb") as fh:
+        data = fh.read()
     path = tmp_path / "half.pkl"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(utils.CheckpointError, match="cannot read checkpoint"):
         utils.load_checkpoint(path)
 
 
-@pytest.mark.parametrize("content", [b"garbage" * 100, b"", b"\x80\x02}q\x00."])
-def test_garbage_file(tmp_path, content):
-    path = tmp_path / "garbage.pkl"
-    path.write_bytes(content)
-    with pytest.raises(utils.CheckpointError, match="cannot read checkpoint") as info:
+def _torch_bytes(obj, legacy=False):
+    buf = io.BytesIO()
+    torch.save(obj, buf, _use_new_zipfile_serialization=not legacy)
+    return buf.getvalue()
+
+
+def _npy_bytes():
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(3))
+    return buf.getvalue()
+
+
+def _gzip_bytes():
+    import gzip
+
+    return gzip.compress(_torch_bytes({"a": torch.zeros(2)}))
+
+
+NOT_TORCH = "it is not a file written by torch.save"
+UNREADABLE = {
+    # name: (file content, what the message must say about it)
+    "text": (lambda: b"# notes\nlr = 0.1\n" * 20, f"{NOT_TORCH} (it starts with text: '# notes"),
+    "garbage": (lambda: b"garbage" * 100, "it starts with text: 'garbage"),
+    "empty": (lambda: b"", "the file is empty (0 bytes)"),
+    "binary": (lambda: bytes(range(256)) * 4, f"{NOT_TORCH} (it starts with bytes 00 01 02 03)"),
+    "truncated zip": (lambda: _torch_bytes(resnet(8).state_dict())[:3000],
+                      "it is a truncated or damaged torch.save archive"),
+    "truncated legacy": (lambda: _torch_bytes(resnet(8).state_dict(), legacy=True)[:3000],
+                         "it is a truncated or damaged torch.save file"),
+    "plain pickle": (lambda: b"\x80\x02}q\x00.",
+                     "it is a plain Python pickle, not a file written by torch.save"),
+    "numpy": (_npy_bytes, "it is a NumPy .npy file"),
+    "gzip": (_gzip_bytes, "it is gzip-compressed"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UNREADABLE))
+def test_unreadable_file_is_one_meaningful_line(tmp_path, kind):
+    make, says = UNREADABLE[kind]
+    path = tmp_path / "ck.pkl"
+    path.write_bytes(make())
+    with pytest.raises(utils.CheckpointError) as info:
         utils.load_checkpoint(path)
-    assert "\n" not in str(info.value)
+    msg = str(info.value)
+    assert msg.startswith(f"cannot read checkpoint {path}: ") and says in msg
+    assert msg.endswith("written by training.py or the original PyHessian") and "\n" not in msg
+    assert "Error" not in msg  # no bare exception names from torch's error text
+
+
+def test_errors_are_user_errors():
+    assert issubclass(utils.CheckpointError, utils.UserError)
+    assert issubclass(utils.DataError, utils.UserError)
+    assert issubclass(utils.UserError, Exception)
+
+
+def _with_values(state_dict, key, index_values):
+    flat = state_dict[key].view(-1)
+    for i, v in index_values:
+        flat[i] = v
+    return state_dict
+
+
+def test_non_finite_weights_name_the_first_bad_tensor(tmp_path):
+    path = tmp_path / "ck.pkl"
+    model = resnet(8)
+    with torch.no_grad():  # two bad tensors: the message names the first in state_dict order
+        model.fc.bias[0] = float("inf")
+        model.layer1[0].conv1.weight.view(-1)[[0, 5, 9]] = float("nan")
+    utils.save_checkpoint(path, model, dataset="synthetic", normalization=None, epoch=1,
+                          test_accuracy=None, args={})
+    with pytest.raises(utils.CheckpointError) as info:
+        utils.load_checkpoint(path)
+    assert str(info.value) == (
+        f"checkpoint {path} has non-finite values in layer1.0.conv1.weight (3 NaN of 2304), "
+        f"so it cannot be analysed; pass a checkpoint saved before the training diverged"
+    )
+
+
+def test_non_finite_buffer_in_original_format(tmp_path):
+    path = tmp_path / "net.pkl"
+    bad = [(1, float("inf")), (2, float("nan"))]
+    sd = _with_values(resnet(20).state_dict(), "layer2.0.bn1.running_var", bad)
+    torch.save({"module." + k: v for k, v in sd.items()}, path)
+    expected = r"non-finite values in layer2\.0\.bn1\.running_var \(1 NaN and 1 inf of 32\)"
+    with pytest.raises(utils.CheckpointError, match=expected):
+        utils.load_checkpoint(path)
 
 
 def test_pickled_model_is_refused_not_executed(tmp_path):
@@ -227,5 +327,6 @@ def test_save_to_unwritable_place_is_checkpoint_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_bytes(b"x")
     with pytest.raises(utils.CheckpointError, match="cannot write checkpoint"):
-        utils.save_checkpoint(blocker / "ck.pkl", resnet(8), dataset="synthetic", normalization=None,
+        utils.save_checkpoint(blocker / "ck.pkl", resnet(8), dataset="synthetic",
+                              normalization=None,
                               epoch=1, test_accuracy=None, args={})

@@ -26,7 +26,8 @@ def test_synthetic_shapes_and_classes(synthetic):
     assert synthetic.test[0][0].shape == (3, 32, 32)
     assert sorted(set(synthetic.train.targets)) == list(range(10))
     assert np.bincount(synthetic.test.targets).min() > 0
-    assert synthetic.normalization == {"mean": list(utils.CIFAR10_MEAN), "std": list(utils.CIFAR10_STD)}
+    assert synthetic.normalization == {"mean": list(utils.CIFAR10_MEAN),
+                                       "std": list(utils.CIFAR10_STD)}
 
 
 def test_synthetic_is_deterministic_and_independent_of_global_seed(synthetic):
@@ -78,7 +79,8 @@ def test_normalization_override(synthetic):
 
 
 def test_default_normalization_cifar100():
-    assert utils.default_normalization("cifar100") == {"mean": [0.5071, 0.4865, 0.4409], "std": [0.2673, 0.2564, 0.2762]}
+    assert utils.default_normalization("cifar100") == {"mean": [0.5071, 0.4865, 0.4409],
+                                                       "std": [0.2673, 0.2564, 0.2762]}
     assert utils.default_normalization("imagefolder")["mean"] == list(utils.CIFAR10_MEAN)
 
 
@@ -90,7 +92,8 @@ def test_unknown_dataset():
 # ---- ImageFolder ---------------------------------------------------------------------
 
 
-def make_image_tree(root, classes=("cat", "dog"), per_class=6, size=(40, 28), splits=("train", "test")):
+def make_image_tree(root, classes=("cat", "dog"), per_class=6, size=(40, 28),
+                    splits=("train", "test")):
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -145,6 +148,88 @@ def test_imagefolder_empty_class_folder(tmp_path):
         utils.get_datasets("imagefolder", tmp_path)
 
 
+def test_imagefolder_one_class(tmp_path):
+    make_image_tree(tmp_path, classes=("cat",))
+    with pytest.raises(utils.DataError) as info:
+        utils.get_datasets("imagefolder", tmp_path)
+    msg = str(info.value)
+    assert "needs at least 2 classes" in msg and "(cat)" in msg and str(tmp_path / "train") in msg
+    assert "\n" not in msg
+
+
+def make_jpeg_tree(root, bad="truncated"):
+    """train/ and test/ with classes a, b; train/b/bad.jpg is a JPEG cut in half (or no image)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            arr = rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / split / cls / "good.jpg", quality=90)
+    data = (root / "train" / "b" / "good.jpg").read_bytes()
+    bad_path = root / "train" / "b" / "bad.jpg"
+    bad_path.write_bytes(data[: len(data) // 2] if bad == "truncated" else b"\x00not an image" * 10)
+    return bad_path
+
+
+@pytest.mark.parametrize("bad,says", [("truncated", "truncated"),
+                                      ("garbage", "not an image file PIL can read")])
+def test_unreadable_image_names_the_file(tmp_path, bad, says):
+    bad_path = make_jpeg_tree(tmp_path, bad)
+    b = utils.get_datasets("imagefolder", tmp_path)
+    index = [p for p, _ in b.train.samples].index(str(bad_path))
+    good = next(i for i in range(len(b.train)) if i != index)
+    assert b.train_eval[good][0].shape == (3, 32, 32)
+    for view in (b.train, b.train_eval):
+        with pytest.raises(utils.DataError) as info:
+            view[index]
+        msg = str(info.value)
+        assert msg == f"cannot read image {bad_path}: {msg.split(': ', 1)[1]}"
+        assert says.lower() in msg.lower() and msg.endswith("; remove or replace the file")
+        assert "\n" not in msg
+
+
+def test_dataloader_surfaces_data_error_with_file_name(tmp_path):
+    bad_path = make_jpeg_tree(tmp_path)
+    b = utils.get_datasets("imagefolder", tmp_path)
+    loader = torch.utils.data.DataLoader(b.train_eval, batch_size=2, num_workers=0)
+    with pytest.raises(utils.DataError, match=f"cannot read image {bad_path}: .*truncated"):
+        list(loader)
+
+
+@pytest.mark.slow
+def test_dataloader_worker_data_error_stays_one_line(tmp_path):
+    """A worker re-raises in the parent with torch's traceback text; the message is recovered."""
+    bad_path = make_jpeg_tree(tmp_path)
+    b = utils.get_datasets("imagefolder", tmp_path)
+    batches = iter(torch.utils.data.DataLoader(b.train_eval, batch_size=1, num_workers=1))
+    try:
+        with pytest.raises(utils.DataError) as info:
+            list(batches)
+    finally:
+        batches._shutdown_workers()  # stop the worker now (a later garbage collection can wait 5 s)
+    msg = str(info.value)
+    assert msg.startswith(f"cannot read image {bad_path}: ") and "truncated" in msg.lower()
+    assert "\n" not in msg
+
+
+def test_shard_batches_names_unreadable_file(tmp_path):
+    bad_path = make_jpeg_tree(tmp_path)
+    b = utils.get_datasets("imagefolder", tmp_path)
+    with pytest.raises(utils.DataError, match=f"cannot read image {bad_path}"):
+        utils.shard_batches(b.train_eval, list(range(len(b.train_eval))), 2)
+
+
+def test_user_errors_pickle():
+    import pickle
+
+    for cls in (utils.UserError, utils.DataError, utils.CheckpointError):
+        text = "cannot read image x.jpg: bad; remove or replace the file"
+        err = pickle.loads(pickle.dumps(cls(text)))
+        assert type(err) is cls and str(err) == text
+
+
 # ---- CIFAR offline ---------------------------------------------------------------------
 
 
@@ -159,7 +244,8 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
-@pytest.mark.parametrize("name,archive", [("cifar10", "cifar-10-python.tar.gz"), ("cifar100", "cifar-100-python.tar.gz")])
+@pytest.mark.parametrize("name,archive", [("cifar10", "cifar-10-python.tar.gz"),
+                                          ("cifar100", "cifar-100-python.tar.gz")])
 def test_cifar_offline_is_one_clear_line(tmp_path, no_network, name, archive):
     start = time.time()
     with pytest.raises(utils.DataError) as info:
