@@ -13,7 +13,10 @@ lives in small modules, one job each:
 * ``support.files``       -- atomic_write_bytes, atomic_torch_save;
 * ``support.cli``         -- ArgumentParser (one-line errors), HelpFormatter, add_bool_flag,
   positive_int, nonnegative_int, positive_float, nonnegative_float, resnet_depth;
-* ``support.devices``     -- resolve_device.
+* ``support.launch``      -- launch (single process / spawn / torchrun), run_main (one line and
+  an exit status for every ending), agree, resolve_device, check_cpu_workers, free_port;
+* ``support.outputs``     -- check_output_dir, RunOutputs (one run's files, committed together);
+* ``support.report``      -- describe_setup, run_record, write_outputs (what rank 0 prints/writes).
 """
 from support.checkpoints import (
     CHECKPOINT_FORMAT,
@@ -50,9 +53,21 @@ from support.datasets import (
     hessian_subset,
     shard_batches,
 )
-from support.devices import resolve_device
 from support.errors import CheckpointError, DataError, UserError
 from support.files import atomic_torch_save, atomic_write_bytes
+from support.launch import (
+    Interrupted,
+    WorkerContext,
+    WorkerFailed,
+    agree,
+    check_cpu_workers,
+    free_port,
+    launch,
+    resolve_device,
+    run_main,
+)
+from support.outputs import RunOutputs, check_output_dir
+from support.report import describe_setup, run_record, write_outputs
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -70,9 +85,22 @@ __all__ = [
     "DataBundle",
     "DataError",
     "HelpFormatter",
+    "Interrupted",
+    "RunOutputs",
+    "WorkerContext",
+    "WorkerFailed",
     "SyntheticCIFAR",
     "UserError",
     "add_bool_flag",
+    "agree",
+    "check_cpu_workers",
+    "check_output_dir",
+    "describe_setup",
+    "free_port",
+    "launch",
+    "run_main",
+    "run_record",
+    "write_outputs",
     "atomic_torch_save",
     "atomic_write_bytes",
     "count_parameters",

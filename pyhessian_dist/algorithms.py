@@ -387,34 +387,35 @@ class KrylovDeflation:
 
 def _lanczos_deflation(op, generator, steps, auto, rse, min_probes, pilot, history, callback):
     """Lanczos from a Rademacher start; in ``auto`` mode stop when deflating further no longer
-    pays: predicted products m + N(m), with N(m) the probes needed for ``rse`` after deflating
-    the m-dimensional Krylov space, whose per-probe variance is at most
-    2 ||PAP||_F^2 = 2 (||A||_F^2 - ||T_m||_F^2 - 2 beta_m^2); ||A||_F^2 and tr(A) come from the
-    ``pilot`` probes (Z, AZ)."""
+    pays. After m steps the predicted cost is m + N(m) products, N(m) = 2 F_m / (rse T)^2 the
+    probes that reach ``rse`` when each probe's variance is 2 F_m, F_m = ||P A P||_F^2 (an upper
+    bound of the Rademacher variance / 2). F_m and T come from the ``pilot`` probes (Z, AZ),
+    projected on the complement of the Krylov space: E ||P A P z||^2 = ||P A P||_F^2, and
+    tr(Q^T A Q) + (Pz)^T A (Pz) is the deflated sample. It stops three steps past the smallest
+    predicted cost and keeps the basis of that step."""
     z0 = rademacher((1, op.dim), generator, op.device)
-    frob2 = trace0 = None
-    if pilot is not None:
-        frob2 = float((pilot[1] ** 2).sum(dim=1).mean())
-        trace0 = float((pilot[0] * pilot[1]).sum(dim=1).mean())
     best, result = None, None
     for m, alpha, beta, Q, w, _broken in lanczos_tridiagonal(op, z0, steps, generator=generator):
         T = _tridiagonal(alpha[0], beta[0], m)
-        result = (m, Q[0].clone(), (T @ Q[0]) + torch.outer(torch.eye(m, dtype=F64,
-                                                                      device=Q.device)[-1], w[0]))
-        if auto and frob2 is not None and trace0:
-            left = max(frob2 - float((T ** 2).sum()) - 2 * float(beta[0, m - 1]) ** 2, 0.0)
-            cost = m + max(2 * left / (rse * trace0) ** 2, min_probes)
-            if best is not None and cost > best[1] and m >= best[0] + 3:
-                break  # three steps past the predicted optimum
+        AQ = T @ Q[0] + torch.outer(torch.eye(m, dtype=F64, device=Q.device)[-1], w[0])
+        result = (m, Q[0], AQ)
+        if auto and pilot is not None:
+            defl = KrylovDeflation(Q=Q[0], AQ=AQ, num_matvecs=m)
+            PZ, APZ = defl.project(*pilot)
+            PAPZ = APZ - (APZ @ Q[0].T) @ Q[0]
+            frob_left = float((PAPZ ** 2).sum(dim=1).mean())
+            trace_hat = defl.exact_trace + float((PZ * APZ).sum(dim=1).mean())
+            cost = m + max(2 * frob_left / (rse * trace_hat) ** 2, min_probes)
             if best is None or cost < best[1]:
                 best = (m, cost)
+            elif m >= best[0] + 3:
+                break  # three steps past the predicted optimum
         _emit(history, callback, Step(m, (float(alpha[0, :m].sum()),), (float("nan"),),
                                       "", "deflation", max_matvecs=steps))
     m, Q, AQ = result
     if auto and best is not None and best[0] < m:
-        m = best[0]
-        Q, AQ = _truncate_krylov(Q, AQ, m)
-    return KrylovDeflation(Q=Q, AQ=AQ, num_matvecs=result[0])
+        Q, AQ = _truncate_krylov(Q, AQ, best[0])
+    return KrylovDeflation(Q=Q.clone(), AQ=AQ.clone(), num_matvecs=m)
 
 
 def _truncate_krylov(Q, AQ, m):
@@ -438,7 +439,8 @@ def hutchinson_trace(op: LinearOperator, *, max_iter: int = 100, tol: float | No
     the block size; products past the stopping point are counted, not used).
 
     ``deflate``: 0 (plain), an int m (deflate an m-step Lanczos space), or "auto" (choose m
-    from pilot probes and ``rse``, at most ``max_deflation_steps``). With a basis Q (exact part
+    from up to 8 pilot probes, reused as the first probes, and ``rse``; at most
+    ``max_deflation_steps``; see ``_lanczos_deflation``). With a basis Q (exact part
     ``tr(Q^T A Q)``) each sample is ``tr(Q^T A Q) + (Pz)^T A (Pz)``: unbiased for any Q, with
     per-probe variance ``2(||PAP||_F^2 - sum_i (PAP)_ii^2)`` instead of ``2(||A||_F^2 - ...)``.
 
@@ -461,7 +463,7 @@ def hutchinson_trace(op: LinearOperator, *, max_iter: int = 100, tol: float | No
         if deflate == "auto":
             if rse is None:
                 raise ValueError("deflate='auto' chooses the subspace for a target rse; pass rse")
-            Z = rademacher((min(4, max_iter), op.dim), generator, op.device)
+            Z = rademacher((min(8, max_iter, max(min_probes, 1)), op.dim), generator, op.device)
             pilot = (Z, _apply(op, Z))
             used += Z.shape[0]
         steps = max_deflation_steps if deflate == "auto" else int(deflate)

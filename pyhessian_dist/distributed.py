@@ -34,10 +34,23 @@ def get_world_size() -> int:
 
 
 def print0(*args, **kwargs) -> None:
-    """print() on rank 0 only (flushes, so progress shows up under mp.spawn)."""
-    if get_rank() == 0:
-        kwargs.setdefault("flush", True)
+    """print() on rank 0 only (flushes, so progress shows up under mp.spawn). When stdout is
+    closed (piped into ``head``), printing stops quietly and the computation goes on."""
+    global _stdout_closed
+    if get_rank() != 0 or _stdout_closed:
+        return
+    kwargs.setdefault("flush", True)
+    try:
         print(*args, **kwargs)
+    except BrokenPipeError:
+        _stdout_closed = True
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+
+
+_stdout_closed = False
 
 
 class CommTimer:

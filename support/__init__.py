@@ -11,7 +11,10 @@ One job per module:
   original's -> check flags -> check values -> build model);
 * ``cli``         -- ``ArgumentParser`` (one-line errors), ``HelpFormatter``, ``add_bool_flag`` and
   argparse number types;
-* ``devices``     -- ``resolve_device`` (temporary home until the launch module takes it).
+* ``launch``      -- one process, spawned workers or torchrun; signals, worker failures, ports,
+  device choice; ``run_main`` (one line and an exit status for every ending);
+* ``outputs``     -- the output folder: checked at start-up, one run's files committed together;
+* ``report``      -- what rank 0 prints about the set-up and writes (results.json, figures).
 
 The scripts import these through ``utils``, the short public face at the top level.
 """

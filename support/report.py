@@ -1,0 +1,71 @@
+"""What rank 0 tells the user and writes: the set-up lines and the results record.
+
+``describe_setup`` gives the lines printed before the first product (model, data, launch,
+memory); ``run_record`` builds results.json (configuration, environment, model, data, every
+analysis's results and costs); ``write_outputs`` stages results.json first, then every
+analysis's files and the convergence figure, and commits them as one set (see ``outputs``).
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import torch
+
+import pyhessian_dist
+from support.outputs import RunOutputs
+
+__all__ = ["describe_device", "describe_setup", "run_record", "write_outputs"]
+
+
+def describe_device(device) -> dict:
+    if device.type == "cuda":
+        return {"type": "cuda", "name": torch.cuda.get_device_name(device)}
+    return {"type": "cpu", "name": platform.processor() or platform.machine(),
+            "threads_per_process": torch.get_num_threads()}
+
+
+def describe_setup(op, data, worker, seconds) -> list[str]:
+    """Lines about the loss, the operator and what is resident, after the set-up pass."""
+    backend = torch.distributed.get_backend() if worker.world_size > 1 else "none"
+    threads = f" ({torch.get_num_threads()} thread(s)/process)" if op.device.type == "cpu" else ""
+    return [
+        f"world size {worker.world_size} ({worker.mode}), backend {backend}, device "
+        f"{op.device.type}{threads}; samples per rank {data['samples_per_rank']}",
+        f"loss {op.loss():.6g} (mean cross-entropy on these samples), gradient norm "
+        f"{op.gradient().norm().item():.4g}; set-up {seconds:.1f} s",
+        f"HVP: {op.hvp_mode}; {op.describe_memory()}",
+    ]
+
+
+def run_record(args, worker, op, model_info, data, analyses, ctx, t_start) -> dict:
+    """results.json: everything needed to know what was computed, how, and how well."""
+    results = {a.name: a.to_json(ctx.results[a.name], ctx) for a in analyses}
+    return {
+        "config": vars(args), "launch": worker.mode, "world_size": worker.world_size,
+        "backend": torch.distributed.get_backend() if worker.world_size > 1 else None,
+        "device": describe_device(op.device),
+        "versions": {"pyhessian_dist": pyhessian_dist.__version__, "torch": torch.__version__,
+                     "python": platform.python_version()},
+        "model": model_info, "data": data,
+        "loss": op.loss(), "gradient_norm": op.gradient().norm().item(),
+        "operator": op.stats(), "results": results, "costs": ctx.costs,
+        "seconds_total": time.perf_counter() - t_start,
+    }
+
+
+def write_outputs(args, record, analyses, ctx) -> tuple[list[str], list[str], list[str]]:
+    """Stage results.json, then each analysis's files and the convergence figure, and commit
+    them together; returns (written paths, stale files removed, warnings)."""
+    with RunOutputs(args.output_dir) as out:
+        out.write_json("results.json", record)
+        for a in analyses:
+            a.write(ctx.results[a.name], ctx, out)
+        if "eigenvalue" in record["results"] or "trace" in record["results"]:
+            from density_plot import plot_convergence
+
+            out.write("convergence.png", lambda p: plot_convergence(record["results"], p))
+        written, removed = out.commit()
+    return [os.path.relpath(p) if not os.path.isabs(args.output_dir) else p
+            for p in written], removed, out.warnings
