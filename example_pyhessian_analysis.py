@@ -107,8 +107,14 @@ def validate(args) -> Plan:
     for analysis in selected(args):
         analysis.check(args)
     earlier = check_output_dir(args.output_dir)
-    _model, meta = load_checkpoint(args.resume, batch_norm=args.batch_norm,
-                                   residual=args.residual)
+    model, meta = load_checkpoint(args.resume, batch_norm=args.batch_norm,
+                                  residual=args.residual)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    for flag, k in (("--top-n", args.top_n if args.eigenvalue else 0),
+                    ("--bottom-n", args.bottom_n)):
+        if k > trainable:
+            raise UserError(f"{flag} {k} exceeds the model's {trainable:,} trainable "
+                            f"parameters; pass {flag} {trainable} or less")
     if not launched_by_torchrun() or os.environ.get("RANK") == "0":
         bundle = bundle_for(args, meta, download=True)
         hessian_subset(bundle.train_eval, args.hessian_batch_size, args.seed)

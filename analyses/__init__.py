@@ -1,14 +1,24 @@
 """The analyses the script can run, in the order they run: adding one is a new module here
 with an ``Analysis`` subclass and one line in ``REGISTRY``."""
 from .base import Analysis, Context
+from .bottom import BottomEigenvalues
 from .density import Density
+from .diagonal import Diagonal
 from .eigenvalues import TopEigenvalues
+from .eigenvectors import SaveEigenvectors
+from .landscape import Landscape
+from .per_layer import PerLayer
 from .trace import Trace
 
 REGISTRY: list[Analysis] = [
     TopEigenvalues(),
+    BottomEigenvalues(),
+    SaveEigenvectors(),
     Trace(),
+    PerLayer(),
+    Diagonal(),
     Density(),
+    Landscape(),
 ]
 
 __all__ = ["REGISTRY", "Analysis", "Context", "by_name", "selected"]

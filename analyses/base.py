@@ -37,17 +37,19 @@ class Analysis:
     requires: tuple = ()
     seed_offset = 0  # its random vectors: Generator(seed * 1000 + seed_offset), whatever else runs
 
-    @staticmethod
-    def add_arguments(parser) -> None:
-        """Add this analysis's options (besides ``flag``) to ``parser``."""
+    def add_arguments(self, parser) -> None:
+        """Add ``flag`` (a switch) and this analysis's options (``add_options``)."""
+        parser.add_argument(self.flag, action="store_true", help=self.help)
+        self.add_options(parser)
 
-    @staticmethod
-    def requested(args) -> bool:
-        """Whether the command line asks for this analysis."""
-        return False
+    def add_options(self, parser) -> None:
+        """Add this analysis's options besides ``flag``."""
 
-    @staticmethod
-    def check(args) -> None:
+    def requested(self, args) -> bool:
+        """Whether the command line asks for this analysis (its ``flag`` was given)."""
+        return bool(getattr(args, self.flag.lstrip("-").replace("-", "_")))
+
+    def check(self, args) -> None:
         """Raise UserError for option combinations that cannot work."""
 
     def run(self, ctx: Context):

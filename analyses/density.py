@@ -13,17 +13,11 @@ class Density(Analysis):
     help = "estimate the eigenvalue spectral density (ESD)"
     seed_offset = 3
 
-    @staticmethod
-    def add_arguments(p):
-        p.add_argument("--density", action="store_true", help=Density.help)
+    def add_options(self, p):
         p.add_argument("--lanczos-iter", type=positive_int, default=100,
                        help="Lanczos steps per SLQ run (density)")
         p.add_argument("--n-v", type=positive_int, default=1,
                        help="SLQ runs (density); all runs are kept and averaged")
-
-    @staticmethod
-    def requested(args):
-        return args.density
 
     def run(self, ctx):
         a = ctx.args

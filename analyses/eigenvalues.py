@@ -14,23 +14,15 @@ class TopEigenvalues(Analysis):
     help = "compute the top eigenvalues"
     seed_offset = 1
 
-    @staticmethod
-    def add_arguments(p):
-        p.add_argument("--eigenvalue", action="store_true", help=TopEigenvalues.help)
+    def add_options(self, p):
         p.add_argument("--top-n", type=positive_int, default=1, help="number of top eigenpairs")
         p.add_argument("--eigen-method", choices=("lanczos", "power"), default="lanczos",
                        help="lanczos (stops when the relative eigenvalue error bound <= --tol) "
                             "or power (PyHessian's rule: relative change < --tol)")
 
-    @staticmethod
-    def requested(args):
-        return args.eigenvalue
-
-    @staticmethod
-    def check(args):
-        if args.eigen_method == "lanczos" and args.top_n > args.max_iter:
-            raise UserError(f"--top-n {args.top_n} needs at least as many Lanczos steps: pass "
-                            f"--max-iter {args.top_n} or more")
+    def check(self, args):
+        if args.eigen_method == "lanczos":
+            check_steps("--top-n", args.top_n, args)
 
     def run(self, ctx):
         a, op = ctx.args, ctx.op
@@ -50,6 +42,13 @@ class TopEigenvalues(Analysis):
                 f"    {r.method}, {ctx.cost_line(self)}, {convergence(r, ctx.args.tol)}"]
 
 
+def check_steps(flag: str, k: int, args) -> None:
+    """k eigenpairs need at least k Lanczos steps within --max-iter."""
+    if k > args.max_iter:
+        raise UserError(f"{flag} {k} needs at least as many Lanczos steps: pass --max-iter {k} "
+                        "or more")
+
+
 def convergence(r, tol) -> str:
     """What the stopping rule established, in words."""
     state = "converged" if r.converged else "NOT converged (budget used up)"
@@ -60,4 +59,4 @@ def convergence(r, tol) -> str:
             f"(relative residual {max(r.residuals):.1e}; not an error bound)")
 
 
-__all__ = ["TopEigenvalues", "convergence", "fmt_values"]
+__all__ = ["TopEigenvalues", "check_steps", "convergence", "fmt_values"]

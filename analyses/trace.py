@@ -17,10 +17,18 @@ def deflate_value(text):
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be 'auto' or a whole number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"must be 'auto' or a whole number, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 'auto' or >= 0, got {text!r}")
     return value
+
+
+def check_uses_trace_probes(flag: str, args) -> None:
+    """Per-layer traces and the diagonal come from the Hutchinson probes, not Hutch++'s."""
+    if args.trace_method == "hutchpp":
+        raise UserError(f"{flag} uses the probes of the Hutchinson trace; pass --trace-method "
+                        "deflated or hutchinson, not hutchpp")
 
 
 class Trace(Analysis):
@@ -29,9 +37,7 @@ class Trace(Analysis):
     help = "estimate the trace, with a standard error"
     seed_offset = 2
 
-    @staticmethod
-    def add_arguments(p):
-        p.add_argument("--trace", action="store_true", help=Trace.help)
+    def add_options(self, p):
         p.add_argument("--trace-method", choices=("deflated", "hutchinson", "hutchpp"),
                        default="deflated",
                        help="deflated: Hutchinson after removing a Krylov space exactly; "
@@ -45,12 +51,7 @@ class Trace(Analysis):
                        help="deflated: Lanczos steps whose Krylov space is removed exactly "
                             "('auto' chooses from 4 pilot probes and --trace-rse)")
 
-    @staticmethod
-    def requested(args):
-        return args.trace
-
-    @staticmethod
-    def check(args):
+    def check(self, args):
         if args.trace_method == "hutchpp" and args.max_iter < 3:
             raise UserError("--trace-method hutchpp needs --max-iter 3 or more (its product "
                             "budget)")

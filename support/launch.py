@@ -50,6 +50,10 @@ class LaunchError(UserError):
     """The workers cannot be started as asked (port, address, device count)."""
 
 
+class PeerFailed(UserError):
+    """Raised by ``agree`` on the ranks whose own step succeeded while another rank's failed."""
+
+
 class WorkerFailed(Exception):
     """A worker failed; ``kind`` is "user" (a UserError), "crash", "signal" or "exit"."""
 
@@ -167,7 +171,10 @@ def launch(fn, args=(), *, nprocs: int = 1, cuda: bool = False, backend: str = "
     if launched_by_torchrun():
         return [_run_torchrun(fn, args, cuda, backend)]
     device_type = "cuda" if cuda and torch.cuda.is_available() else "cpu"
-    backend = backend_for(torch.device(device_type), backend)
+    try:
+        backend = backend_for(torch.device(device_type), backend)
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from None
     if threads is None and device_type == "cpu":
         threads = max(1, (os.cpu_count() or 1) // nprocs)
     if nprocs == 1:
@@ -187,7 +194,11 @@ def launch(fn, args=(), *, nprocs: int = 1, cuda: bool = False, backend: str = "
 def _run_torchrun(fn, args, cuda, backend):
     local_rank = int(os.environ["LOCAL_RANK"])
     device = resolve_device(cuda, local_rank, warn=False)
-    setup(backend_for(device, backend), device=device)
+    try:
+        backend = backend_for(device, backend)
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from None
+    setup(backend, device=device)
     try:
         ctx = WorkerContext(int(os.environ["RANK"]), get_world_size(), local_rank,
                             int(os.environ.get("LOCAL_WORLD_SIZE", 1)), device, "torchrun")
@@ -208,7 +219,7 @@ def agree(ctx: WorkerContext, step):
         flag = torch.tensor([0.0 if error is None else 1.0], device=ctx.device)
         all_reduce_(flag)
         if flag.item() and error is None:
-            error = UserError("another rank failed (see its message)")
+            error = PeerFailed("another rank failed (see its message)")
     if error is not None:
         raise error
     return value
@@ -244,7 +255,7 @@ def _worker(rank, fn, args, nprocs, cuda, backend, ip, port, threads, out_queue)
         finally:
             cleanup()
     except UserError as exc:
-        out_queue.put(("user", rank, str(exc)))
+        out_queue.put(("peer" if isinstance(exc, PeerFailed) else "user", rank, str(exc)))
         sys.exit(2)
     except BaseException as exc:  # noqa: BLE001 - everything goes to the parent
         out_queue.put(("crash", rank, f"{type(exc).__name__}: {exc}".splitlines()[0]
@@ -284,6 +295,7 @@ class _Supervisor:
                                            f"timed out after {self.timeout_s:.0f} s")
             except Interrupted as stop:
                 self._stop_all()
+                self._drain(0.2)  # a "committed" report may still be in the queue
                 raise Interrupted(stop.signum, self.committed, self.n) from None
             except BaseException:
                 self._stop_all()
@@ -334,14 +346,17 @@ class _Supervisor:
                 p.join(timeout=5)
 
 
-def _root_cause(errors, dead, n) -> WorkerFailed:
+def _root_cause(errors, dead, n) -> WorkerFailed | Interrupted:
     """The failure that started it: a user error, then a worker killed by a signal, then the
     first crash whose message is not a broken connection to a dead peer."""
-    users = [e for e in errors if e[1] == "user"]
+    users = [e for e in errors if e[1] == "user"] or [e for e in errors if e[1] == "peer"]
     if users:
         _, _, rank, msg = users[0]
         return WorkerFailed(rank, n, "user", msg)
     signalled = [(r, -code) for r, code in dead if code < 0]
+    cancelled = [s for _, s in signalled if s in SIGNALS]
+    if cancelled and not users:  # a worker was sent SIGTERM/SIGINT/SIGHUP: a cancel, not a bug
+        return Interrupted(cancelled[0], workers=n)
     crashes = sorted(e for e in errors if e[1] == "crash")
     echoes = ("connection", "peer", "gloo", "nccl", "socket", "closed", "timed out")
     primary = [e for e in crashes if not any(w in e[3].split("\x00")[0].lower() for w in echoes)]

@@ -61,7 +61,11 @@ def write_outputs(args, record, analyses, ctx) -> tuple[list[str], list[str], li
     with RunOutputs(args.output_dir) as out:
         out.write_json("results.json", record)
         for a in analyses:
-            a.write(ctx.results[a.name], ctx, out)
+            try:
+                a.write(ctx.results[a.name], ctx, out)
+            except Exception as exc:  # noqa: BLE001 - a figure must never cost the results
+                out.warnings.append(f"warning: the {a.name} files could not be written "
+                                    f"({type(exc).__name__}: {exc}); results.json is complete")
         if "eigenvalue" in record["results"] or "trace" in record["results"]:
             from density_plot import plot_convergence
 

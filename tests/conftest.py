@@ -1,4 +1,5 @@
-"""Shared pytest set-up: import path, a single-thread fixture, the ../shared fixture path."""
+"""Shared pytest set-up: import path, a single-thread fixture, the ../shared fixture path, and a
+small trained checkpoint for the script tests."""
 import os
 import sys
 
@@ -35,3 +36,36 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def trained_resnet8(seed=0, steps=30):
+    """A ResNet8 after a few SGD steps on the synthetic data: a realistic, quick Hessian."""
+    from models.resnet import resnet
+    from support.datasets import get_datasets
+
+    torch.manual_seed(seed)
+    model = resnet(depth=8)
+    data = get_datasets("synthetic").train_eval
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(data), (64,), generator=g).tolist()
+        x = torch.stack([data[i][0] for i in idx])
+        y = torch.tensor([data[i][1] for i in idx])
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """A ResNet8 checkpoint in our format (written without training.py, in ~2 s)."""
+    from support.checkpoints import save_checkpoint
+    from support.datasets import default_normalization
+
+    path = tmp_path_factory.mktemp("ckpt") / "net.pkl"
+    save_checkpoint(path, trained_resnet8(), dataset="synthetic",
+                    normalization=default_normalization("synthetic"), epoch=1,
+                    test_accuracy=None, args={})
+    return str(path)

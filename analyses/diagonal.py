@@ -1,0 +1,60 @@
+"""The Hessian diagonal (``--diagonal``): Hutchinson's estimate mean(z * Hz) from the trace's
+probes, with a per-layer summary, saved as hessian_diagonal.pt."""
+from __future__ import annotations
+
+import torch
+
+from .base import Analysis
+from .trace import check_uses_trace_probes
+
+
+class Diagonal(Analysis):
+    name = "diagonal"
+    flag = "--diagonal"
+    help = ("estimate the Hessian diagonal (from the trace's probes) and save it as "
+            "hessian_diagonal.pt")
+    requires = ("trace",)
+
+    def check(self, args):
+        check_uses_trace_probes(self.flag, args)
+
+    def run(self, ctx):
+        return ctx.results["trace"].diagonal
+
+    def _per_group(self, d, ctx):
+        rows = []
+        for g in ctx.groups():
+            values, se = d.diagonal[g.index], d.stderr[g.index]
+            rows.append({"name": g.name, "num_parameters": g.num_parameters,
+                         "sum": float(values.sum()), "mean": float(values.mean()),
+                         "min": float(values.min()), "max": float(values.max()),
+                         "mean_stderr": float(se.mean()),
+                         "negative_share": float((values < 0).double().mean())})
+        return rows
+
+    def summary(self, d, ctx):
+        rows = self._per_group(d, ctx)
+        width = max(len(r["name"]) for r in rows)
+        lines = [f"***Diagonal: from {d.num_probes} probes (those of the trace; no extra "
+                 "HVPs); per group:",
+                 f"    {'group':<{width}}  {'mean':>10}  {'min':>10}  {'max':>10}  "
+                 f"{'mean s.e.':>10}"]
+        for r in rows:
+            lines.append(f"    {r['name']:<{width}}  {r['mean']:>10.3g}  {r['min']:>10.3g}  "
+                         f"{r['max']:>10.3g}  {r['mean_stderr']:>10.3g}")
+        return lines
+
+    def to_json(self, d, ctx):
+        return {**d.to_dict(), "file": "hessian_diagonal.pt", "per_group": self._per_group(d, ctx)}
+
+    def write(self, d, ctx, outputs):
+        op = ctx.op
+
+        def save(path):
+            tensors = {name: t.detach().to("cpu", torch.float64).clone()
+                       for name, t in zip(op.param_names, op.to_list(d.diagonal.to(op.device)))}
+            stderr = {name: t.detach().to("cpu", torch.float64).clone()
+                      for name, t in zip(op.param_names, op.to_list(d.stderr.to(op.device)))}
+            torch.save({"diagonal": tensors, "stderr": stderr, "num_probes": d.num_probes}, path)
+
+        outputs.write("hessian_diagonal.pt", save)

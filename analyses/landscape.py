@@ -1,0 +1,517 @@
+"""The loss landscape (``--landscape 1d|2d``): the loss and accuracy at theta + a d.
+
+1d: for ``--landscape-points`` offsets a in [-R, R] (0 among them) the mean loss and the accuracy
+on the Hessian samples at theta + a d for three unit directions d: the top eigenvector v1, a
+random direction (Gaussian, the same on every rank; optionally filter-normalised as in Li et
+al. 2018, "Visualizing the Loss Landscape of Neural Nets") and the normalised gradient. 2d:
+also the grid theta + a v1 + b v2 over [-R, R]^2, drawn as contours.
+
+The loss is the operator's ``criterion`` (the one whose Hessian was analysed: mean
+cross-entropy in the script), so the curves and the eigenvalues describe one function.
+Accuracy is recorded when the model's output is (n, C) logits and the targets class indices,
+else None.
+
+Distributed like the operator: each rank evaluates its own shard, sums n_b * loss_b and the
+correct counts, and ONE all-reduce of a (points, 3) float64 buffer per direction (per grid)
+gives the means over the union. No Hessian-vector products: each point costs one forward pass
+over the samples (no graph, BN in eval mode as the operator left it). The parameters are
+copied before and copied back afterwards (bit for bit, also when an exception interrupts).
+
+Built-in check: the second difference (L(h) - 2 L(0) + L(-h)) / h^2 along v1 is the curvature
+along a unit eigenvector, i.e. lambda_1, up to O(h^2) truncation and O(eps L / h^2) round-off;
+h is chosen from a few candidates where neighbouring estimates agree best. On smooth models
+(tanh, GELU, softplus) they agree to round-off. With ReLU or max-pooling they need not: the
+autograd Hessian takes relu'' = 0, while a finite difference across units that change sign
+within +-h also sees their kinks (measured on a float64 ResNet8: +11% for h in 1e-3..1e-2,
+agreement only at h ~ 1e-7, below the nearest kink). The check names the piecewise operations
+the forward pass calls and says so when the two differ by more than 1%.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pyhessian_dist.distributed import all_reduce_
+from pyhessian_dist.results import json_safe
+from support.cli import positive_int
+from support.errors import UserError
+
+from .base import Analysis
+
+__all__ = ["Landscape", "LandscapeResult", "curvature_check", "evaluate", "filter_normalized",
+           "plot_landscape", "radius_value"]
+
+
+def radius_value(text):
+    """argparse type: 'auto' or a positive number."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a positive number, got {text!r}") \
+            from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a positive number, got {text!r}")
+    return value
+
+
+@dataclass
+class LandscapeResult:
+    """The curves (and grid) of one landscape; ``to_dict()`` is its part of results.json."""
+
+    mode: str
+    radius: float
+    radius_rule: str
+    offsets: list
+    directions: list          # [{"name", "loss", "accuracy", "slope", ...}]
+    loss_at_zero: float
+    accuracy_at_zero: float | None
+    eigenvalues: list         # lambda_1 (and lambda_2 for 2d)
+    curvature_check: dict
+    grid: dict | None
+    num_evaluations: int
+    num_samples: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        out = {"mode": self.mode, "radius": self.radius, "radius_rule": self.radius_rule,
+               "points": len(self.offsets), "offsets": self.offsets,
+               "directions": self.directions, "loss_at_zero": self.loss_at_zero,
+               "accuracy_at_zero": self.accuracy_at_zero, "lambda_1": self.eigenvalues[0],
+               "curvature_check": self.curvature_check,
+               "num_evaluations": self.num_evaluations, "num_samples": self.num_samples,
+               "seconds": self.seconds,
+               "loss": "the operator's criterion (mean cross-entropy in the script)"}
+        if self.grid is not None:
+            out["lambda_2"] = self.eigenvalues[1]
+            out["grid"] = self.grid
+        return json_safe(out)
+
+
+class Landscape(Analysis):
+    name = "landscape"
+    flag = "--landscape"
+    help = ("the loss and accuracy along the top eigenvector, a random and the gradient "
+            "direction (1d), and over the plane of the top two eigenvectors (2d); writes "
+            "landscape.png/pdf")
+    requires = ("eigenvalue",)
+    seed_offset = 12  # the random direction's generator (issue 12; 1..5 are taken)
+
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("--landscape", choices=("1d", "2d"), default=None, help=Landscape.help)
+        p.add_argument("--landscape-points", type=positive_int, default=21,
+                       help="offsets per direction (odd, so that 0 is one of them); 2d: a "
+                            "points x points grid")
+        p.add_argument("--landscape-radius", type=radius_value, default="auto",
+                       help="offsets a in [-R, R] along unit directions (parameter-space "
+                            "units). auto: R = sqrt(2 / lambda_1), where the quadratic model "
+                            "along v1 has risen by 1 (a nat of cross-entropy): wide enough to "
+                            "leave the quadratic region, narrow enough to stay in the basin; "
+                            "capped at the parameters' norm")
+        p.add_argument("--landscape-filter-normalize", action="store_true",
+                       help="random direction: rescale each filter (row of a weight tensor) to "
+                            "the norm of the weights' filter, zero on biases and BatchNorm "
+                            "(Li et al. 2018, their 'biasbn' setting), then to unit norm so "
+                            "that all directions share one axis")
+
+    @staticmethod
+    def requested(args):
+        return args.landscape is not None
+
+    @staticmethod
+    def check(args):
+        if args.landscape_points < 3 or args.landscape_points % 2 == 0:
+            raise UserError(f"--landscape-points {args.landscape_points} must be odd and at "
+                            "least 3 so that offset 0 is one of the points; pass e.g. 21")
+        if args.landscape == "2d" and args.top_n < 2:
+            raise UserError("--landscape 2d needs --top-n 2 or more")
+
+    # ------------------------------------------------------------------------ compute
+    def run(self, ctx):
+        t0 = time.perf_counter()
+        a, op = ctx.args, ctx.op
+        eig = ctx.results["eigenvalue"]
+        V = eig.eigenvectors.to(op.device, torch.float64)
+        lams = [float(x) for x in eig.eigenvalues]
+        if a.landscape == "2d" and len(V) < 2:
+            raise UserError("--landscape 2d needs --top-n 2 or more")
+        theta_norm = op.parameters_vector().to(torch.float64).norm().item()
+        radius, rule = choose_radius(a.landscape_radius, lams[0], theta_norm)
+        P = a.landscape_points
+        offsets = [radius * (i - P // 2) / (P // 2) for i in range(P)]  # symmetric, 0 exact
+        g = op.gradient().to(torch.float64)
+
+        directions = [("top eigenvector", V[0], {})]
+        r = torch.randn(op.dim, generator=ctx.generator(self), dtype=torch.float64)
+        r = r.to(op.device)
+        if a.landscape_filter_normalize:
+            d, scale = filter_normalized(op, r)
+            directions.append(("random (filter-normalized)", d,
+                               {"filter_normalized_norm": scale}))
+        else:
+            directions.append(("random", r / r.norm(), {}))
+        g_norm = g.norm().item()
+        if g_norm > 0:
+            directions.append(("gradient", g / g_norm, {"gradient_norm": g_norm}))
+
+        count = 0
+        curves = []
+        for name, d, extra in directions:
+            loss, acc = evaluate(op, (x * d for x in offsets))
+            count += P
+            curves.append({"name": name, "loss": loss, "accuracy": acc,
+                           "slope": torch.dot(g, d).item(), **extra})
+        mid = P // 2
+        loss0, acc0 = curves[0]["loss"][mid], curves[0]["accuracy"]
+        acc0 = acc0[mid] if acc0 is not None else None
+
+        check = curvature_check(op, V[0], lams[0], radius)
+        count += check["num_evaluations"]
+        check["piecewise_ops"] = kinked_ops(op)
+        check["note"] = _check_note(check)
+
+        grid = None
+        if a.landscape == "2d":
+            loss, acc = evaluate(op, (x * V[0] + y * V[1] for x in offsets for y in offsets))
+            count += P * P
+            grid = {"loss": [loss[i * P:(i + 1) * P] for i in range(P)],
+                    "accuracy": None if acc is None else
+                    [acc[i * P:(i + 1) * P] for i in range(P)],
+                    "layout": "loss[i][j] at theta + offsets[i] v1 + offsets[j] v2",
+                    "slope_v2": torch.dot(g, V[1]).item()}
+        return LandscapeResult(
+            mode=a.landscape, radius=radius, radius_rule=rule, offsets=offsets,
+            directions=curves, loss_at_zero=loss0, accuracy_at_zero=acc0,
+            eigenvalues=lams[:2] if grid is not None else lams[:1], curvature_check=check,
+            grid=grid, num_evaluations=count, num_samples=op.num_samples,
+            seconds=time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------------ report
+    def summary(self, r, ctx):
+        acc = f", accuracy {100 * r.accuracy_at_zero:.2f}%" if r.accuracy_at_zero is not None \
+            else ""
+        lines = [f"***Landscape ({r.mode}): loss at 0 = {r.loss_at_zero:.6g}{acc}; offsets in "
+                 f"[-{r.radius:.4g}, {r.radius:.4g}] ({len(r.offsets)} points, "
+                 f"R {r.radius_rule}) along unit directions:"]
+        parts = [f"{_short(c['name'])}: loss in [{min(c['loss']):.4g}, {max(c['loss']):.4g}]"
+                 for c in r.directions]
+        lines.append("    " + "; ".join(parts))
+        if len(r.directions) < 3:
+            lines.append("    (no gradient direction: the gradient is exactly zero)")
+        if r.grid is not None:
+            flat = [x for row in r.grid["loss"] for x in row]
+            lines.append(f"    grid over v1 x v2 ({len(r.offsets)} x {len(r.offsets)}): loss in "
+                         f"[{min(flat):.4g}, {max(flat):.4g}]")
+        c = r.curvature_check
+        lines.append(f"    curvature check: second difference along v1 = "
+                     f"{c['second_difference']:.6g} vs lambda_1 = {c['lambda_1']:.6g} (rel. diff "
+                     f"{c['relative_difference']:.1e}, h = {c['h']:.1e})")
+        if c.get("note"):
+            lines.append(f"    ({c['note']})")
+        seconds = ctx.costs.get(self.name, {}).get("seconds", r.seconds)
+        per = f"{len(r.directions)} directions x {len(r.offsets)} points"
+        if r.grid is not None:
+            per += f" + {len(r.offsets)}^2 grid"
+        lines.append(f"    cost: {r.num_evaluations} loss evaluations ({per} + "
+                     f"{c['num_evaluations']} for the check; each a forward pass over the "
+                     f"{r.num_samples} samples, no HVPs), {seconds:.1f} s")
+        return lines
+
+    def to_json(self, r, ctx):
+        return r.to_dict()
+
+    def write(self, r, ctx, outputs):
+        data = r.to_dict()
+        outputs.write(("landscape.png", "landscape.pdf"),
+                      lambda png, pdf: plot_landscape(data, png, pdf))
+
+
+def _check_note(check) -> str | None:
+    """Why the curvature check may disagree, when it does by more than 1%."""
+    rel = check["relative_difference"]
+    if not rel > 1e-2:
+        return None
+    if check["piecewise_ops"]:
+        return (f"expected with {', '.join(check['piecewise_ops'])}: a finite difference also "
+                "sees the curvature of units crossing their kinks, which the autograd Hessian "
+                "leaves out (relu'' = 0); the two agree on smooth models, or for h below the "
+                "nearest kink")
+    return ("a smooth model agrees to ~1e-3 in float32, ~1e-7 in float64: check that "
+            "lambda_1 converged (--tol) and that the loss is finite near theta")
+
+
+def _short(name):
+    return {"top eigenvector": "top eigenvector v1"}.get(name, name)
+
+
+def choose_radius(requested, lambda_1, theta_norm):
+    """(R, how it was chosen): a given number, or auto = sqrt(2 / lambda_1) capped at the
+    parameters' norm (1 when lambda_1 <= 0 and the norm is 0)."""
+    if requested != "auto":
+        return float(requested), "given"
+    if lambda_1 > 0:
+        radius = math.sqrt(2.0 / lambda_1)
+        if 0 < theta_norm < radius:
+            return theta_norm, "auto = ||theta|| (sqrt(2/lambda_1) is larger)"
+        return radius, "auto = sqrt(2/lambda_1)"
+    if theta_norm > 0:
+        return theta_norm, "auto = ||theta|| (lambda_1 <= 0)"
+    return 1.0, "auto = 1 (lambda_1 <= 0, theta = 0)"
+
+
+# ---------------------------------------------------------------------------- evaluation
+@contextlib.contextmanager
+def _moved_parameters(op):
+    """Yields (theta in float64, put(x) setting the parameters to x); copies the parameters
+    back exactly on the way out, whatever happens. ``.data`` keeps autograd's version counters,
+    so the operator's retained graphs stay valid once the values are back."""
+    saved = [p.detach().clone() for p in op.params]
+    theta = torch.cat([s.reshape(-1).to(op.device, torch.float64) for s in saved])
+
+    def put(x):
+        for p, t in zip(op.params, torch.split(x, op.numels)):
+            p.data.copy_(t.view(p.shape))
+
+    try:
+        yield theta, put
+    finally:
+        for p, s in zip(op.params, saved):
+            p.data.copy_(s)
+
+
+def _is_classification(out, y) -> bool:
+    return (isinstance(out, torch.Tensor) and isinstance(y, torch.Tensor) and out.dim() == 2
+            and y.dim() == 1 and not y.is_floating_point() and len(y) == len(out))
+
+
+def _local_sums(op) -> torch.Tensor:
+    """[sum n_b loss_b, correct, samples counted for accuracy] over this rank's shard."""
+    s = torch.zeros(3, dtype=torch.float64, device=op.device)
+    for b in range(len(op.batches)):
+        x, y = op._batch(b)
+        out = op.model(*x) if isinstance(x, (tuple, list)) else op.model(x)
+        n = len(y)
+        s[0] += op.criterion(out, y).to(torch.float64) * n
+        if _is_classification(out, y):
+            s[1] += (out.argmax(dim=1) == y).sum()
+            s[2] += n
+    return s
+
+
+# torch functions whose first derivative jumps: autograd takes their second derivative as 0
+# (relu'' = 0), while a finite difference across the jump sees a delta function's worth of it
+_KINKED = frozenset({
+    "relu", "relu6", "hardtanh", "leaky_relu", "prelu", "rrelu", "threshold", "clamp", "clip",
+    "clamp_min", "clamp_max", "abs", "absolute", "hardswish", "hardsigmoid", "hardshrink",
+    "softshrink", "maximum", "minimum", "fmax", "fmin", "max_pool1d", "max_pool2d",
+    "max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",
+    "max_pool3d_with_indices", "adaptive_max_pool1d", "adaptive_max_pool2d",
+    "adaptive_max_pool3d", "fractional_max_pool2d", "fractional_max_pool3d", "max", "min",
+    "amax", "amin", "sort", "topk", "kthvalue", "median", "sign", "round", "floor", "ceil",
+    "trunc"})
+
+
+def kinked_ops(op) -> list[str]:
+    """Names of the piecewise torch functions (relu, max-pooling, clamp, ...) that one forward
+    pass over this rank's first mini-batch calls, any rank's (one SUM all-reduce of a flag per
+    name). Seen at the torch-function level: a kink written as ``torch.where`` is missed."""
+    from torch.overrides import TorchFunctionMode
+
+    class Seen(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "").strip("_")  # relu_, _max_pool2d -> relu, ...
+            if name in _KINKED:
+                self.names.add(name)
+            return func(*args, **(kwargs or {}))
+
+    seen = Seen()
+    if op.batches:
+        x, _y = op._batch(0)
+        with torch.no_grad(), seen:
+            op.model(*x) if isinstance(x, (tuple, list)) else op.model(x)
+    names = sorted(_KINKED)
+    flags = torch.tensor([float(n in seen.names) for n in names], dtype=torch.float64,
+                         device=op.device)
+    all_reduce_(flags, op.comm)
+    return [n for n, f in zip(names, flags.tolist()) if f > 0]
+
+
+def evaluate(op, displacements) -> tuple[list, list | None]:
+    """Mean loss and accuracy over every rank's samples at theta + delta, for each delta of
+    ``displacements`` (flat float64 vectors, the same on every rank): ONE all-reduce of a
+    (len, 3) buffer for all of them. Accuracy is None unless every sample is classified
+    ((n, C) logits, integer targets). The parameters are restored exactly afterwards."""
+    rows = []
+    with torch.no_grad(), _moved_parameters(op) as (theta, put):
+        for delta in displacements:
+            put(theta + delta)
+            rows.append(_local_sums(op))
+    buf = torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
+    all_reduce_(buf, op.comm)
+    buf = buf.cpu()
+    loss = (buf[:, 0] / op.num_samples).tolist()
+    if len(buf) and bool((buf[:, 2] == op.num_samples).all()):
+        return loss, (buf[:, 1] / op.num_samples).tolist()
+    return loss, None
+
+
+def filter_normalized(op, r):
+    """Li et al. (2018) filter normalisation of a random direction ``r`` (flat, float64): each
+    filter (slice along dim 0 of a weight tensor: a conv output channel, a linear row) rescaled
+    to the norm of the same filter of the weights; 1-D parameters (biases, BatchNorm) set to 0
+    (their ``ignore='biasbn'``). Returns (the result scaled to unit norm, its norm before);
+    Li et al.'s offset alpha is a / that norm."""
+    parts = []
+    for p, d in zip(op.params, torch.split(r, op.numels)):
+        if p.dim() <= 1:
+            parts.append(torch.zeros_like(d))
+            continue
+        w = p.detach().to(d.device, torch.float64).reshape(p.shape[0], -1)
+        d = d.reshape(p.shape[0], -1)
+        parts.append((d * (w.norm(dim=1) / (d.norm(dim=1) + 1e-10)).unsqueeze(1)).reshape(-1))
+    d = torch.cat(parts)
+    scale = d.norm().item()
+    if scale == 0:
+        raise UserError("--landscape-filter-normalize: the model has no weight filters to "
+                        "normalise (every trainable parameter is 1-D or zero); drop the flag")
+    return d / scale, scale
+
+
+def curvature_check(op, v, lambda_1, radius) -> dict:
+    """The second difference D(h) = (L(h) - 2 L(0) + L(-h)) / h^2 along the unit vector v,
+    which tends to v'Hv (= lambda_1 for the top eigenvector) as h -> 0.
+
+    D(h) = v'Hv + O(h^2 L'''') + O(eps |L| / h^2): truncation falls and round-off grows as h
+    shrinks. Candidates h = s * 10^(-k/2), k = 2..8, with s = min(sqrt(2/|lambda_1|), R) (the
+    scale on which the quadratic model rises by 1); those whose rise |lambda_1| h^2 is below
+    sqrt(eps) |L(0)| are dropped (round-off would dominate); of the rest, the h whose estimate
+    agrees best with the next smaller h's is taken, that disagreement being its error estimate.
+    One evaluation call (one all-reduce) for L(0) and every L(+-h)."""
+    s = min(math.sqrt(2.0 / abs(lambda_1)), radius) if lambda_1 != 0 else radius
+    hs = [s * 10 ** (-k / 2) for k in range(2, 9)]
+    steps = [0.0] + [sign * h for h in hs for sign in (1, -1)]
+    loss, _ = evaluate(op, (t * v for t in steps))
+    L0 = loss[0]
+    D = [(loss[1 + 2 * i] - 2 * L0 + loss[2 + 2 * i]) / h ** 2 for i, h in enumerate(hs)]
+    eps = torch.finfo(op.dtype).eps
+    usable = [i for i, h in enumerate(hs) if abs(lambda_1) * h ** 2 >= math.sqrt(eps) * abs(L0)]
+    if len(usable) < 2:
+        usable = list(range(len(hs)))
+    best = min(usable[:-1], key=lambda i: abs(D[i] - D[i + 1]))
+    rel = abs(D[best] - lambda_1) / abs(lambda_1) if lambda_1 != 0 else float("nan")
+    return {"h": hs[best], "second_difference": D[best], "lambda_1": lambda_1,
+            "relative_difference": rel, "error_estimate": abs(D[best] - D[best + 1]),
+            "candidates": [{"h": h, "second_difference": d} for h, d in zip(hs, D)],
+            "loss_at_zero": L0, "num_evaluations": len(loss)}
+
+
+# ---------------------------------------------------------------------------- figure
+_COLORS = {"top eigenvector": "C0", "random": "C2", "random (filter-normalized)": "C2",
+           "gradient": "C1"}
+
+
+def plot_landscape(data, png_path, pdf_path=None):
+    """Draw a landscape (the ``results.landscape`` dict of results.json) to ``png_path`` (and
+    ``pdf_path``): loss and accuracy against the offset for each direction, with the quadratic
+    model L(0) + (g.v1) a + lambda_1 a^2 / 2 along v1 dashed; 2d: the loss contours over the
+    v1 x v2 plane beside them. Returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from density_plot import save_figure
+
+    has_acc = any(c["accuracy"] is not None for c in data["directions"])
+    has_grid = data.get("grid") is not None
+    n = 1 + has_acc + has_grid
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.4), squeeze=False)
+    axes = list(axes[0])
+    try:
+        if has_grid:
+            _plot_grid(fig, axes.pop(0), data)
+        _plot_loss(axes.pop(0), data)
+        if has_acc:
+            _plot_accuracy(axes.pop(0), data)
+        fig.tight_layout()
+        paths = [save_figure(fig, png_path, dpi=130)]
+        if pdf_path:
+            paths.append(save_figure(fig, pdf_path))
+        return paths
+    finally:
+        plt.close(fig)
+
+
+def _label(name):
+    return {"top eigenvector": "top eigenvector v1",
+            "gradient": "gradient (ascent for a > 0)"}.get(name, name)
+
+
+def _plot_loss(ax, data):
+    a = data["offsets"]
+    lo = min(min(c["loss"]) for c in data["directions"])
+    hi = max(max(c["loss"]) for c in data["directions"])
+    for c in data["directions"]:
+        ax.plot(a, c["loss"], marker=".", color=_COLORS.get(c["name"]), label=_label(c["name"]))
+    v1 = data["directions"][0]
+    L0, slope, lam = data["loss_at_zero"], v1["slope"], data["lambda_1"]
+    fine = [a[0] + (a[-1] - a[0]) * i / 200 for i in range(201)]
+    ax.plot(fine, [L0 + slope * x + 0.5 * lam * x * x for x in fine], "--", color="C0",
+            alpha=0.6, label=f"quadratic model, lambda_1 = {lam:.4g}")
+    pad = 0.06 * (hi - lo) if hi > lo else 0.1 * max(abs(hi), 1e-3)
+    ax.set_ylim(lo - pad, hi + pad)  # the quadratic model may run far above the data
+    ax.axvline(0.0, color="0.8", lw=0.8, zorder=0)
+    ax.set_xlabel("offset a along a unit direction")
+    ax.set_ylabel("loss")
+    c = data["curvature_check"]
+    ax.set_title(f"loss at theta + a d\ncurvature check: 2nd difference along v1 = "
+                 f"{c['second_difference']:.4g} (h = {c['h']:.1e})", fontsize=10)
+    ax.legend(fontsize=8)
+
+
+def _plot_accuracy(ax, data):
+    a = data["offsets"]
+    for c in data["directions"]:
+        if c["accuracy"] is not None:
+            ax.plot(a, [100 * x for x in c["accuracy"]], marker=".",
+                    color=_COLORS.get(c["name"]), label=_label(c["name"]))
+    ax.axvline(0.0, color="0.8", lw=0.8, zorder=0)
+    ax.set_xlabel("offset a along a unit direction")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"accuracy on the {data['num_samples']} Hessian samples", fontsize=10)
+    ax.legend(fontsize=8)
+
+
+def _plot_grid(fig, ax, data):
+    import numpy as np
+    from matplotlib import colors
+
+    a = np.asarray(data["offsets"])
+    Z = np.asarray(data["grid"]["loss"]).T  # rows of the stored grid run along v1 (x)
+    lo, hi = float(Z.min()), float(Z.max())
+    if lo > 0 and hi / lo > 50:  # spans decades: log-spaced levels keep the basin visible
+        levels = np.geomspace(lo, hi, 25)
+        norm = colors.LogNorm(lo, hi)
+    else:
+        levels = np.linspace(lo, hi, 25) if hi > lo else 5
+        norm = None
+    filled = ax.contourf(a, a, Z, levels=levels, norm=norm, cmap="viridis")
+    ax.contour(a, a, Z, levels=filled.levels[::3], colors="white", linewidths=0.5, alpha=0.6)
+    fig.colorbar(filled, ax=ax, label="loss", format="%.3g")
+    ax.plot([0], [0], marker="+", color="red", ms=10, mew=2)
+    ax.set_xlabel("offset along v1 (top eigenvector)")
+    ax.set_ylabel("offset along v2")
+    ax.set_title(f"loss over the v1 x v2 plane\nlambda_1 = {data['lambda_1']:.4g}, "
+                 f"lambda_2 = {data['lambda_2']:.4g}", fontsize=10)
+    ax.set_aspect("equal")

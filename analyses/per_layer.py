@@ -1,0 +1,80 @@
+"""Per-layer Hessian (``--per-layer``): for each parameter group (``--group-by``) the trace of
+its diagonal block (from the trace's own probes, so the groups add up to the global estimate
+probe by probe) and the top eigenvalue of the block (Lanczos on the block)."""
+from __future__ import annotations
+
+import math
+
+from pyhessian_dist.algorithms import lanczos_group_eigenpairs
+from pyhessian_dist.groups import GROUPINGS
+from support.cli import positive_float
+
+from .base import Analysis
+from .trace import check_uses_trace_probes
+
+
+class PerLayer(Analysis):
+    name = "per_layer"
+    flag = "--per-layer"
+    help = "trace and top eigenvalue of every layer's diagonal block of the Hessian"
+    requires = ("trace",)
+    seed_offset = 5
+
+    def add_options(self, p):
+        p.add_argument("--group-by", choices=GROUPINGS, default="module",
+                       help="per-layer groups: each module with parameters, each stage (stem, "
+                            "residual stages, head), or each parameter tensor")
+        p.add_argument("--per-layer-tol", type=positive_float, default=1e-2,
+                       help="relative eigenvalue error bound of each block's top eigenvalue")
+
+    def check(self, args):
+        check_uses_trace_probes(self.flag, args)
+
+    def run(self, ctx):
+        groups = ctx.groups()
+        blocks = lanczos_group_eigenpairs(ctx.op, [g.index for g in groups], k=1,
+                                          max_steps=ctx.args.max_iter,
+                                          tol=ctx.args.per_layer_tol,
+                                          generator=ctx.generator(self),
+                                          callback=ctx.progress("per-layer", every=20))
+        traces, stderrs = ctx.results["trace"].group_traces()
+        rows = []
+        for g, b, t, se in zip(groups, blocks, traces, stderrs):
+            rows.append({"name": g.name, "parameters": list(g.parameters),
+                         "num_parameters": g.num_parameters, "trace": t,
+                         "trace_stderr": se if not math.isnan(se) else None,
+                         "trace_per_parameter": t / g.num_parameters,
+                         "top_eigenvalue": b.eigenvalues[0],
+                         "top_eigenvalue_error_bound": b.error_bounds[0],
+                         "top_eigenvalue_converged": b.converged,
+                         "num_matvecs": b.num_matvecs})
+        return rows
+
+    def summary(self, rows, ctx):
+        width = max(len(r["name"]) for r in rows)
+        probes = len(ctx.results["trace"].samples)
+        head = (f"***Per-layer ({ctx.args.group_by}; traces from the {probes} trace probes, "
+                f"top eigenvalues by block Lanczos: {ctx.cost_line(self)})")
+        lines = [head, f"    {'group':<{width}}  {'params':>9}  {'trace ± s.e.':>22}  "
+                       f"{'trace/param':>11}  {'top eigenvalue':>14}"]
+        for r in rows:
+            se = f"{r['trace_stderr']:.3g}" if r["trace_stderr"] is not None else "n/a"
+            flag = "" if r["top_eigenvalue_converged"] else " (not converged)"
+            lines.append(f"    {r['name']:<{width}}  {r['num_parameters']:>9,}  "
+                         f"{r['trace']:>12.5g} ± {se:<7}  {r['trace_per_parameter']:>11.3g}  "
+                         f"{r['top_eigenvalue']:>14.6g}{flag}")
+        total = sum(r["trace"] for r in rows)
+        lines.append(f"    sum of the group traces {total:.6g} = the trace estimate "
+                     f"{ctx.results['trace'].trace:.6g} (same probes)")
+        return lines
+
+    def to_json(self, rows, ctx):
+        return rows
+
+    def write(self, rows, ctx, outputs):
+        def draw(path):
+            from density_plot import plot_per_layer
+
+            plot_per_layer(rows, path)
+
+        outputs.write("per_layer.png", draw)
