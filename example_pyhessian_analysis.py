@@ -1,6 +1,7 @@
 """Hessian analysis of a trained network: top eigenvalues, trace, spectral density, and more.
 
-    python example_pyhessian_analysis.py --resume CKPT --device_count N --eigenvalue --trace --density
+    python example_pyhessian_analysis.py --resume CKPT --device_count N \
+        --eigenvalue --trace --density
 
 Read top to bottom: parse -> validate once (one `error:` line and exit 2 for anything the user
 can fix, before any worker starts) -> launch (N == 1: this process; N > 1: spawned workers;
@@ -24,10 +25,29 @@ import pyhessian_dist
 from analyses import REGISTRY, Context, selected
 from pyhessian_dist import HessianOperator
 from pyhessian_dist.distributed import launched_by_torchrun, print0
-from utils import (DATASETS, ArgumentParser, DataError, HelpFormatter, UserError, add_bool_flag,
-                   agree, check_cpu_workers, check_output_dir, count_parameters, describe_setup,
-                   get_datasets, hessian_subset, launch, load_checkpoint, positive_float,
-                   positive_int, run_main, run_record, shard_batches, write_outputs)
+from utils import (
+    DATASETS,
+    ArgumentParser,
+    DataError,
+    HelpFormatter,
+    UserError,
+    add_bool_flag,
+    agree,
+    check_cpu_workers,
+    check_output_dir,
+    count_parameters,
+    describe_setup,
+    get_datasets,
+    hessian_subset,
+    launch,
+    load_checkpoint,
+    positive_float,
+    positive_int,
+    run_main,
+    run_record,
+    shard_batches,
+    write_outputs,
+)
 
 
 # ---------------------------------------------------------------------------- command line

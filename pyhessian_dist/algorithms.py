@@ -294,10 +294,10 @@ class _BlockLanczos:
                             and bool((bounds <= self.tol).all())):
             self.done = True
             Y = S[:, idx].T.to(self.Q.device) @ self.Q
-            self.out = EigenResult(eigenvalues=self.values, eigenvectors=Y,
-                                   num_matvecs=m, converged=full or bool((bounds <= self.tol).all()),
-                                   method="lanczos", which=self.which,
-                                   residuals=(rho[idx] / theta[idx].abs().clamp(min=1e-300)).tolist(),
+            rel = rho[idx] / theta[idx].abs().clamp(min=1e-300)
+            self.out = EigenResult(eigenvalues=self.values, eigenvectors=Y, num_matvecs=m,
+                                   converged=full or bool((bounds <= self.tol).all()),
+                                   method="lanczos", which=self.which, residuals=rel.tolist(),
                                    error_bounds=bounds.tolist(), history=self.history)
             return
         if broken:
@@ -373,6 +373,7 @@ class KrylovDeflation:
 
     @property
     def exact_trace(self) -> float:
+        """tr(Q^T A Q), this subspace's exact share of the trace."""
         return float((self.Q * self.AQ).sum())
 
     def diagonal(self) -> torch.Tensor:
@@ -456,90 +457,121 @@ def hutchinson_trace(op: LinearOperator, *, max_iter: int = 100, tol: float | No
         raise ValueError("give a stopping rule: rse (relative standard error) or tol")
     generator = _generator(generator)
     history: list = []
-    pilot = None
-    deflation = None
-    used = 0
-    if deflate == "auto" or (isinstance(deflate, int) and deflate > 0):
-        if deflate == "auto":
-            if rse is None:
-                raise ValueError("deflate='auto' chooses the subspace for a target rse; pass rse")
-            Z = rademacher((min(8, max_iter, max(min_probes, 1)), op.dim), generator, op.device)
-            pilot = (Z, _apply(op, Z))
-            used += Z.shape[0]
-        steps = max_deflation_steps if deflate == "auto" else int(deflate)
-        deflation = _lanczos_deflation(op, generator, min(steps, op.dim), deflate == "auto",
-                                       rse, min_probes, pilot, history, callback)
-        used += deflation.num_matvecs
-    elif deflate != 0:
-        raise ValueError(f"deflate must be 0, a positive int or 'auto', got {deflate!r}")
-
-    exact = deflation.exact_trace if deflation is not None else 0.0
-    base = deflation.diagonal() if deflation is not None else None
-    index_sets = list(groups) if groups is not None else None
-    samples, group_rows = [], []
-    diag_sum = diag_sq = None
-    prev, converged, rule = 0.0, False, "budget"
-
-    def probe_block():
-        nonlocal pilot, used
+    deflation, pilot, used = _deflation_for(op, deflate, rse, max_iter, min_probes,
+                                            max_deflation_steps, generator, history, callback)
+    tally = _Tally(deflation, groups, diagonal)
+    prev, rule = 0.0, None
+    while tally.n < max_iter and rule is None:
         if pilot is not None:  # the pilot probes are reused: their products are known
-            Z, AZ = pilot
-            pilot = None
-            return Z, AZ
-        nb = min(block_size, max_iter - len(samples))
-        Z = rademacher((nb, op.dim), generator, op.device)
-        used += nb
-        return Z, _apply(op, Z)
-
-    while len(samples) < max_iter and not converged:
-        Z, AZ = probe_block()
-        if deflation is not None:
-            Z, AZ = deflation.project(Z, AZ)
-        C = Z * AZ if base is None else Z * AZ + base
-        for c in C:
-            if len(samples) == max_iter:
+            (Z, AZ), pilot = pilot, None
+        else:
+            Z = rademacher((min(block_size, max_iter - tally.n), op.dim), generator, op.device)
+            AZ = _apply(op, Z)
+            used += Z.shape[0]
+        for c in tally.contributions(Z, AZ):
+            if tally.n == max_iter:
                 break
-            samples.append(float(c.sum()))
-            if index_sets is not None:
-                group_rows.append(torch.stack([c[g].sum() for g in index_sets]))
-            if diagonal:  # Welford's running mean and sum of squared deviations
-                if diag_sum is None:
-                    diag_sum, diag_sq = c.clone(), torch.zeros_like(c)
-                else:
-                    delta = c - diag_sum
-                    diag_sum += delta / len(samples)
-                    diag_sq += delta * (c - diag_sum)
-            mean = sum(samples) / len(samples)
-            se = _stderr(samples)
-            _emit(history, callback, Step(used, (mean,), (se,), "standard error", "probes"))
-            if rse is not None:
-                if len(samples) >= min_probes and se <= rse * abs(mean):
-                    converged, rule = True, f"relative standard error <= {rse:g}"
-            elif abs(mean - prev) / (abs(prev) + 1e-6) < tol:
-                converged, rule = True, f"relative change < {tol:g}"
-            if converged:
+            tally.add(c)
+            _emit(history, callback, Step(used, (tally.mean,), (tally.stderr,),
+                                          "standard error", "probes"))
+            rule = _stopping_rule(tally, rse, tol, min_probes, prev)
+            if rule is not None:
                 break
-            prev = mean
-    method = "hutchinson" if deflation is None else "deflated hutchinson"
+            prev = tally.mean
     info = None
     if deflation is not None:
-        info = {"dimension": int(deflation.Q.shape[0]), "exact_part": exact,
+        info = {"dimension": int(deflation.Q.shape[0]), "exact_part": deflation.exact_trace,
                 "num_matvecs": deflation.num_matvecs,
                 "chosen": "auto" if deflate == "auto" else "fixed"}
     return TraceResult(
-        trace=sum(samples) / len(samples), stderr=_stderr(samples), samples=samples,
-        num_matvecs=used, converged=converged, method=method, stopping_rule=rule,
-        history=history, deflation=info,
-        group_samples=torch.stack(group_rows) if index_sets else None,
-        diagonal=_diagonal_result(diag_sum, diag_sq, len(samples), used) if diagonal else None)
+        trace=tally.mean, stderr=tally.stderr, samples=tally.samples, num_matvecs=used,
+        converged=rule is not None, method="hutchinson" if deflation is None
+        else "deflated hutchinson", stopping_rule=rule or "budget", history=history,
+        deflation=info, group_samples=tally.group_samples(),
+        diagonal=tally.diagonal_result(used) if diagonal else None)
 
 
-def _diagonal_result(mean, m2, n, used) -> DiagonalResult:
-    if n > 1:
-        se = (m2.clamp(min=0) / (n - 1) / n).sqrt()
-    else:
-        se = torch.full_like(mean, math.nan)
-    return DiagonalResult(diagonal=mean, stderr=se, num_probes=n, num_matvecs=used)
+def _deflation_for(op, deflate, rse, max_iter, min_probes, max_steps, generator, history,
+                   callback):
+    """(KrylovDeflation or None, pilot probes (Z, AZ) or None, products used)."""
+    if deflate == 0:
+        return None, None, 0
+    if not (deflate == "auto" or (isinstance(deflate, int) and deflate > 0)):
+        raise ValueError(f"deflate must be 0, a positive int or 'auto', got {deflate!r}")
+    pilot, used = None, 0
+    if deflate == "auto":
+        if rse is None:
+            raise ValueError("deflate='auto' chooses the subspace for a target rse; pass rse")
+        Z = rademacher((min(8, max_iter, max(min_probes, 1)), op.dim), generator, op.device)
+        pilot, used = (Z, _apply(op, Z)), Z.shape[0]
+    steps = max_steps if deflate == "auto" else int(deflate)
+    deflation = _lanczos_deflation(op, generator, min(steps, op.dim), deflate == "auto", rse,
+                                   min_probes, pilot, history, callback)
+    return deflation, pilot, used + deflation.num_matvecs
+
+
+def _stopping_rule(tally, rse, tol, min_probes, prev) -> str | None:
+    """The rule that fired after the latest probe, in words, or None."""
+    if rse is not None:
+        if tally.n >= min_probes and tally.stderr <= rse * abs(tally.mean):
+            return f"relative standard error <= {rse:g}"
+        return None
+    if abs(tally.mean - prev) / (abs(prev) + 1e-6) < tol:
+        return f"relative change < {tol:g}"
+    return None
+
+
+class _Tally:
+    """The probes' contributions ``c = (Pz) * (A P z) + diag(A Q^T Q)`` (dim,): their sums (the
+    samples), their shares per group, and Welford's running mean and squared deviations of c."""
+
+    def __init__(self, deflation, groups, diagonal):
+        self.deflation = deflation
+        self.base = deflation.diagonal() if deflation is not None else None
+        self.groups = list(groups) if groups is not None else None
+        self.diagonal = diagonal
+        self.samples, self.rows = [], []
+        self.mean_c = self.m2_c = None
+
+    @property
+    def n(self) -> int:
+        return len(self.samples)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.samples) / len(self.samples)
+
+    @property
+    def stderr(self) -> float:
+        return _stderr(self.samples)
+
+    def contributions(self, Z, AZ):
+        if self.deflation is not None:
+            Z, AZ = self.deflation.project(Z, AZ)
+        return Z * AZ if self.base is None else Z * AZ + self.base
+
+    def add(self, c) -> None:
+        self.samples.append(float(c.sum()))
+        if self.groups is not None:
+            self.rows.append(torch.stack([c[g].sum() for g in self.groups]))
+        if self.diagonal:
+            if self.mean_c is None:
+                self.mean_c, self.m2_c = c.clone(), torch.zeros_like(c)
+            else:
+                delta = c - self.mean_c
+                self.mean_c += delta / self.n
+                self.m2_c += delta * (c - self.mean_c)
+
+    def group_samples(self):
+        return torch.stack(self.rows) if self.groups is not None else None
+
+    def diagonal_result(self, used) -> DiagonalResult:
+        n = self.n
+        if n > 1:
+            se = (self.m2_c.clamp(min=0) / (n - 1) / n).sqrt()
+        else:
+            se = torch.full_like(self.mean_c, math.nan)
+        return DiagonalResult(diagonal=self.mean_c, stderr=se, num_probes=n, num_matvecs=used)
 
 
 def hutchpp_trace(op: LinearOperator, num_matvecs: int, *,

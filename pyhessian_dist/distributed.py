@@ -6,6 +6,7 @@ process groups itself; scripts do that (see ``setup``/``cleanup``, which they ca
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
@@ -26,10 +27,12 @@ def is_distributed() -> bool:
 
 
 def get_rank() -> int:
+    """The rank of this process in the default group (0 without one)."""
     return dist.get_rank() if is_distributed() else 0
 
 
 def get_world_size() -> int:
+    """The default group's size (1 without one)."""
     return dist.get_world_size() if is_distributed() else 1
 
 
@@ -44,10 +47,8 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs)
     except BrokenPipeError:
         _stdout_closed = True
-        try:
+        with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except OSError:
-            pass
 
 
 _stdout_closed = False
@@ -128,5 +129,5 @@ def cleanup() -> None:
     if is_distributed():
         try:
             dist.destroy_process_group()
-        except Exception as exc:  # never mask the original error on the way out
+        except Exception as exc:  # noqa: BLE001 - never mask the original error on the way out
             print(f"warning: destroy_process_group failed: {exc}", file=sys.stderr)

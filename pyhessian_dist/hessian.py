@@ -20,8 +20,13 @@ import warnings
 
 import torch
 
-from .algorithms import (hutchinson_trace, hutchpp_trace, lanczos_eigenpairs,
-                         power_iteration_eigenpairs, slq_density)
+from .algorithms import (
+    hutchinson_trace,
+    hutchpp_trace,
+    lanczos_eigenpairs,
+    power_iteration_eigenpairs,
+    slq_density,
+)
 from .distributed import broadcast_seed
 from .groups import parameter_groups
 from .operator import HessianOperator
@@ -108,7 +113,7 @@ class hessian:  # noqa: N801 - the name PyHessian users import
         return parameter_groups(op.param_names, op.numels, group_by)
 
     # ------------------------------------------------------------------ the three analyses
-    def eigenvalues(self, maxIter: int = 100, tol: float = 1e-3, top_n: int = 1, *,  # noqa: N803
+    def eigenvalues(self, maxIter: int = 100, tol: float = 1e-3, top_n: int = 1, *,
                     method: str | None = None, which: str = "LA"):
         """Top ``top_n`` eigenvalues and eigenvectors (lists of per-parameter tensors).
 
@@ -134,7 +139,7 @@ class hessian:  # noqa: N801 - the name PyHessian users import
         vectors = [op.to_list(v.to(op.dtype)) for v in res.eigenvectors]
         return list(res.eigenvalues), vectors
 
-    def trace(self, maxIter: int = 100, tol: float = 1e-3, *,  # noqa: N803
+    def trace(self, maxIter: int = 100, tol: float = 1e-3, *,
               method: str = "hutchinson", rse: float | None = None, deflate: int | str = 0,
               num_matvecs: int | None = None, per_layer: bool = False,
               group_by: str = "module"):
@@ -167,7 +172,7 @@ class hessian:  # noqa: N801 - the name PyHessian users import
             return list(res.samples), {g.name: c for g, c in zip(groups, cols)}
         return list(res.samples)
 
-    def diagonal(self, maxIter: int = 100, tol: float = 1e-3, *,  # noqa: N803
+    def diagonal(self, maxIter: int = 100, tol: float = 1e-3, *,
                  rse: float | None = None, deflate: int | str = 0):
         """Hutchinson's estimate of diag(H), a list of tensors shaped like ``params``.
 
@@ -181,7 +186,7 @@ class hessian:  # noqa: N801 - the name PyHessian users import
         self.last_result = res
         return op.to_list(res.diagonal.diagonal.to(op.dtype))
 
-    def density(self, iter: int = 100, n_v: int = 1):  # noqa: A002 - PyHessian's name
+    def density(self, iter: int = 100, n_v: int = 1):
         """SLQ: ``n_v`` runs of ``iter`` Lanczos steps -> (eigen_list_full, weight_list_full)."""
         op = self.operator
         res = slq_density(op, num_steps=iter, num_runs=n_v, generator=self._generator())

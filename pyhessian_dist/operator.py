@@ -65,7 +65,7 @@ class _SavedBytes:
             if key not in self._seen:
                 self._seen.add(key)
                 self.bytes += storage.nbytes()
-        except Exception:
+        except Exception:  # noqa: BLE001 - some tensor subclasses have no storage
             pass
         return t
 
@@ -203,6 +203,7 @@ class HessianOperator(LinearOperator):
         return self.flatten([t.to(self.device, self.dtype) for t in tensors])
 
     def parameters_vector(self) -> torch.Tensor:
+        """The trainable parameters as one flat vector (detached)."""
         return self.flatten([p.detach() for p in self.params])
 
     def parameter_slices(self) -> list[tuple[str, slice]]:

@@ -20,7 +20,8 @@ __all__ = ["LinearOperator", "DenseOperator", "CallableOperator", "BlockOperator
 
 
 class LinearOperator:
-    """Base class: ``dim``, ``dtype``, ``device``, ``matvec``; counts products in ``num_matvecs``."""
+    """Base class: ``dim``, ``dtype``, ``device`` and ``matvec``; counts products in
+    ``num_matvecs``."""
 
     def __init__(self, dim: int, dtype: torch.dtype = torch.float64,
                  device: torch.device | str = "cpu"):
@@ -98,6 +99,7 @@ class BlockOperator(LinearOperator):
         super().__init__(size, op.dtype, op.device)
 
     def embed(self, V: torch.Tensor) -> torch.Tensor:
+        """Rows of ``V`` (k, size) placed on the block's coordinates (zeros elsewhere)."""
         full = torch.zeros(V.shape[0], self.op.dim, dtype=V.dtype, device=V.device)
         full[:, self.index] = V
         return full

@@ -56,6 +56,7 @@ class Step:
     max_matvecs: int | None = None
 
     def to_dict(self) -> dict:
+        """Plain, strictly JSON-safe data (no tensors; NaN/inf as None)."""
         return json_safe(dataclasses.asdict(self))
 
 
@@ -78,6 +79,7 @@ class DiagonalResult:
     method: str = "hutchinson"
 
     def to_dict(self) -> dict:
+        """Plain, strictly JSON-safe data (no tensors; NaN/inf as None)."""
         return json_safe({"method": self.method, "num_probes": self.num_probes,
                           "num_matvecs": self.num_matvecs,
                           "sum": float(self.diagonal.sum())})
@@ -107,6 +109,7 @@ class EigenResult:
     products: torch.Tensor | None = None
 
     def to_dict(self) -> dict:
+        """Plain, strictly JSON-safe data (no tensors; NaN/inf as None)."""
         return json_safe({
             "method": self.method, "which": self.which, "eigenvalues": self.eigenvalues,
             "residuals": self.residuals, "error_bounds": self.error_bounds,
@@ -140,6 +143,7 @@ class TraceResult:
 
     @property
     def relative_stderr(self) -> float:
+        """The standard error over |trace| (NaN for a zero trace)."""
         return self.stderr / abs(self.trace) if self.trace else float("nan")
 
     def group_traces(self) -> tuple[list, list]:
@@ -148,10 +152,14 @@ class TraceResult:
             raise ValueError("this estimate was not split into groups")
         g = self.group_samples.to(torch.float64)
         n = g.shape[0]
-        se = g.std(dim=0, unbiased=True) / math.sqrt(n) if n > 1 else torch.full_like(g[0], math.nan)
+        if n > 1:
+            se = g.std(dim=0, unbiased=True) / math.sqrt(n)
+        else:
+            se = torch.full_like(g[0], math.nan)
         return g.mean(dim=0).tolist(), se.tolist()
 
     def to_dict(self) -> dict:
+        """Plain, strictly JSON-safe data (no tensors; NaN/inf as None)."""
         return json_safe({
             "method": self.method, "trace": self.trace, "stderr": self.stderr,
             "relative_stderr": self.relative_stderr, "num_probes": len(self.samples),
@@ -173,6 +181,7 @@ class DensityResult:
     history: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
+        """Plain, strictly JSON-safe data (no tensors; NaN/inf as None)."""
         return json_safe({
             "method": "slq", "nodes": self.nodes, "weights": self.weights,
             "num_steps": self.num_steps, "num_runs": self.num_runs,

@@ -4,9 +4,16 @@ import math
 import pytest
 import torch
 
-from pyhessian_dist import (CallableOperator, DenseOperator, gaussian_density,
-                            hutchinson_trace, hutchpp_trace, lanczos_eigenpairs,
-                            power_iteration_eigenpairs, slq_density)
+from pyhessian_dist import (
+    CallableOperator,
+    DenseOperator,
+    gaussian_density,
+    hutchinson_trace,
+    hutchpp_trace,
+    lanczos_eigenpairs,
+    power_iteration_eigenpairs,
+    slq_density,
+)
 from pyhessian_dist.algorithms import lanczos_group_eigenpairs
 from pyhessian_dist.operators import BlockOperator
 from pyhessian_dist.results import Step

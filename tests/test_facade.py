@@ -6,8 +6,14 @@ import torch
 from torch import nn
 
 from pyhessian_dist import hessian
-from pyhessian_dist.utils import (get_params_grad, group_add, group_product,
-                                  hessian_vector_product, normalization, orthnormal)
+from pyhessian_dist.utils import (
+    get_params_grad,
+    group_add,
+    group_product,
+    hessian_vector_product,
+    normalization,
+    orthnormal,
+)
 from tiny import SIZES, dense_hessian, make, split_uneven
 
 CE = nn.CrossEntropyLoss()
@@ -76,7 +82,8 @@ def test_per_layer_trace_and_diagonal_against_exact_blocks():
     offsets = [0]
     for n in h.operator.numels:
         offsets.append(offsets[-1] + n)
-    bounds = {"conv": (0, offsets[2]), "bn": (offsets[2], offsets[4]), "fc": (offsets[4], offsets[6])}
+    bounds = {"conv": (0, offsets[2]), "bn": (offsets[2], offsets[4]),
+              "fc": (offsets[4], offsets[6])}
     for name, col in per_layer.items():
         a, b = bounds[name]
         t = torch.tensor(col, dtype=F64)

@@ -1,5 +1,6 @@
 """Faults of a running analysis: cancel (SIGTERM, SIGINT, SIGHUP), a worker that dies, raises or
 is stopped, a closed stdout, a bad image. Every process a test starts is cleaned up by PID."""
+import contextlib
 import json
 import os
 import signal
@@ -43,10 +44,8 @@ def alive(pid):
 
 def kill_all(pids):
     for pid in pids:
-        try:
+        with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
 
 
 def start(args, script=SCRIPT, env=None):
