@@ -1,14 +1,11 @@
-"""Shared pytest set-up: import path, a single-thread fixture, the ../shared fixture path, and a
+"""Shared pytest set-up: a single-thread fixture, the ../shared fixture path, and a
 small trained checkpoint for the script tests."""
 import os
-import sys
 
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 SHARED_FIXTURES = os.path.join(ROOT, "..", "shared", "fixtures")
 ORIGINAL_NET = os.path.join(SHARED_FIXTURES, "original-net.pkl")

@@ -1,6 +1,6 @@
 """Test-only entry point: the analysis script with a fault injected from the environment.
 
-``PYHESSIAN_DIST_FAULT=KIND:RANK python tests/fault_entry.py ARGS...`` runs
+``PYHESSIAN_DIST_FAULT=KIND:RANK PYTHONPATH=. python tests/fault_entry.py ARGS...`` runs
 example_pyhessian_analysis.main(ARGS) with the trace analysis patched on rank RANK:
 ``raise`` raises a RuntimeError, ``data`` raises a DataError, ``kill`` sends the rank SIGKILL
 to itself, ``sleep`` makes it compute slowly (for cancel tests). The patch is applied at import,
@@ -12,12 +12,9 @@ import signal
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run as a script from tests/
-
-import example_pyhessian_analysis as analysis  # noqa: E402
-from analyses.trace import Trace  # noqa: E402
-from support.errors import DataError  # noqa: E402
+import example_pyhessian_analysis as analysis  # PYTHONPATH=<repo root>, or pip install -e .
+from analyses.trace import Trace
+from support.errors import DataError
 
 KIND, _, RANK = os.environ.get("PYHESSIAN_DIST_FAULT", "none:0").partition(":")
 _original_run = Trace.run

@@ -52,7 +52,7 @@ def start(args, script=SCRIPT, env=None):
     return subprocess.Popen(
         [sys.executable, script, *args], cwd=ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1",
-                                                **(env or {})},
+                                                "PYTHONPATH": ROOT, **(env or {})},
         # a shell's background job inherits SIGINT ignored: restore it
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
