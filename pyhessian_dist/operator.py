@@ -31,13 +31,14 @@ from torch import nn
 from .distributed import CommTimer, all_reduce_
 from .operators import LinearOperator
 
-__all__ = ["HessianOperator", "HVP_MODES"]
+__all__ = ["HVP_MODES", "HessianOperator", "available_memory_bytes"]
 
 HVP_MODES = ("double_backward", "forward_over_reverse")
 
 
-def _available_memory_bytes(device: torch.device) -> int:
-    """Free memory on the device (CUDA) or MemAvailable from /proc/meminfo (CPU)."""
+def available_memory_bytes(device: torch.device) -> int:
+    """Free memory on the device (CUDA) or MemAvailable from /proc/meminfo (CPU; 4 GiB when
+    unknown)."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
@@ -133,7 +134,7 @@ class HessianOperator(LinearOperator):
         self.vectorize = vectorize
 
         if memory_budget_bytes is None:
-            memory_budget_bytes = _available_memory_bytes(self.device) // 2
+            memory_budget_bytes = available_memory_bytes(self.device) // 2
             if self.device.type == "cpu":
                 memory_budget_bytes //= max(1, int(local_processes))
         self.memory_budget_bytes = int(memory_budget_bytes)

@@ -35,8 +35,15 @@ from dataclasses import dataclass
 
 import torch
 
-from pyhessian_dist.distributed import (all_reduce_, backend_for, cleanup, get_world_size,
-                                        launched_by_torchrun, setup)
+from pyhessian_dist.distributed import (
+    all_reduce_,
+    backend_for,
+    cleanup,
+    get_world_size,
+    launched_by_torchrun,
+    setup,
+)
+from pyhessian_dist.operator import available_memory_bytes
 from support.errors import UserError
 
 __all__ = ["Interrupted", "LaunchError", "WorkerContext", "WorkerFailed", "agree",
@@ -104,15 +111,8 @@ def resolve_device(cuda: bool, local_rank: int = 0, warn: bool = True) -> torch.
     return torch.device("cpu")
 
 
-def _available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+def _available_memory() -> int:
+    return available_memory_bytes(torch.device("cpu"))
 
 
 def check_cpu_workers(n: int, flag: str = "--device_count") -> str | None:
@@ -121,7 +121,7 @@ def check_cpu_workers(n: int, flag: str = "--device_count") -> str | None:
     cores = os.cpu_count() or 1
     avail = _available_memory()
     need = n * WORKER_MEMORY_BYTES
-    if avail is not None and need > 0.8 * avail:
+    if need > 0.8 * avail:
         fit = max(1, int(0.8 * avail // WORKER_MEMORY_BYTES))
         raise LaunchError(f"{flag} {n} starts {n} CPU worker processes (~0.6 GB each, "
                           f"~{need / 2**30:.0f} GB in all) but only {avail / 2**30:.1f} GB "
