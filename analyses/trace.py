@@ -49,7 +49,7 @@ class Trace(Analysis):
                             "< --tol)")
         p.add_argument("--trace-deflate", type=deflate_value, default="auto",
                        help="deflated: Lanczos steps whose Krylov space is removed exactly "
-                            "('auto' chooses from 4 pilot probes and --trace-rse)")
+                            "('auto' chooses from 8 pilot probes and --trace-rse)")
 
     def check(self, args):
         if args.trace_method == "hutchpp" and args.max_iter < 3:
