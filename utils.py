@@ -9,7 +9,10 @@ lives in small modules, one job each:
   SyntheticCIFAR, default_normalization, hessian_subset, shard_batches, the CIFAR_* / SYNTHETIC_*
   constants, DATASETS;
 * ``support.checkpoints`` -- save_checkpoint / load_checkpoint (ours and the original PyHessian's
-  plain state_dicts), count_parameters, unwrap_model, CHECKPOINT_FORMAT(_VERSION);
+  plain state_dicts; ``model_spec=`` for --model), count_parameters, unwrap_model, custom_arch,
+  read_training_state, capture_rng_state / restore_rng_state, CHECKPOINT_FORMAT(_VERSION);
+* ``support.models``      -- model_from_spec (``--model module.path:callable``), ModelSpecError;
+* ``support.curvature``   -- CurvatureTracker (training.py --hessian-every), curvature_paths;
 * ``support.files``       -- atomic_write_bytes, atomic_torch_save;
 * ``support.cli``         -- ArgumentParser (one-line errors), HelpFormatter, add_bool_flag,
   positive_int, nonnegative_int, positive_float, nonnegative_float, resnet_depth;
@@ -21,8 +24,12 @@ lives in small modules, one job each:
 from support.checkpoints import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_FORMAT_VERSION,
+    capture_rng_state,
     count_parameters,
+    custom_arch,
     load_checkpoint,
+    read_training_state,
+    restore_rng_state,
     save_checkpoint,
     unwrap_model,
 )
@@ -36,6 +43,7 @@ from support.cli import (
     positive_int,
     resnet_depth,
 )
+from support.curvature import CurvatureTracker, curvature_paths
 from support.datasets import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -66,6 +74,7 @@ from support.launch import (
     resolve_device,
     run_main,
 )
+from support.models import ModelSpecError, model_from_spec
 from support.outputs import RunOutputs, check_output_dir
 from support.report import describe_setup, run_record, write_outputs
 
@@ -82,10 +91,12 @@ __all__ = [
     "SYNTHETIC_TRAIN_SIZE",
     "ArgumentParser",
     "CheckpointError",
+    "CurvatureTracker",
     "DataBundle",
     "DataError",
     "HelpFormatter",
     "Interrupted",
+    "ModelSpecError",
     "RunOutputs",
     "WorkerContext",
     "WorkerFailed",
@@ -103,17 +114,23 @@ __all__ = [
     "write_outputs",
     "atomic_torch_save",
     "atomic_write_bytes",
+    "capture_rng_state",
     "count_parameters",
+    "curvature_paths",
+    "custom_arch",
     "default_normalization",
     "get_datasets",
     "hessian_subset",
     "load_checkpoint",
+    "model_from_spec",
     "nonnegative_float",
     "nonnegative_int",
     "positive_float",
     "positive_int",
+    "read_training_state",
     "resnet_depth",
     "resolve_device",
+    "restore_rng_state",
     "save_checkpoint",
     "shard_batches",
     "unwrap_model",

@@ -1,4 +1,4 @@
 """Models used by the scripts: the CIFAR ResNet of the original PyHessian."""
-from .resnet import ResNet, BasicBlock, blocks_per_stage, resnet
+from .resnet import BasicBlock, ResNet, blocks_per_stage, original_switches, resnet
 
-__all__ = ["ResNet", "BasicBlock", "blocks_per_stage", "resnet"]
+__all__ = ["BasicBlock", "ResNet", "blocks_per_stage", "original_switches", "resnet"]

@@ -22,10 +22,14 @@ the ``module.`` prefix of ``nn.DataParallel`` is stripped.
 
 Parameter counts for depth 20: 272,474 (BN + residual), 270,906 (no BN),
 269,722 (no residual), 268,346 (neither).
+
+The original's keywords are accepted as well: ``resnet(num_classes=10, depth=20,
+residual_not=True, batch_norm_not=True)`` (True means the feature is present; see
+``original_switches``).
 """
 import torch.nn as nn
 
-__all__ = ["ResNet", "BasicBlock", "resnet", "blocks_per_stage"]
+__all__ = ["ResNet", "BasicBlock", "blocks_per_stage", "original_switches", "resnet"]
 
 
 def conv3x3(in_planes, out_planes, stride=1):
@@ -91,8 +95,11 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """CIFAR ResNet of depth 6n+2; see the module docstring."""
 
-    def __init__(self, depth=20, num_classes=10, batch_norm=True, residual=True):
+    def __init__(self, depth=20, num_classes=10, batch_norm=None, residual=None, *,
+                 batch_norm_not=None, residual_not=None, base_channel=16):
         super().__init__()
+        batch_norm, residual = original_switches(batch_norm, residual, batch_norm_not,
+                                                 residual_not, base_channel)
         n = blocks_per_stage(depth)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
@@ -154,9 +161,47 @@ class ResNet(nn.Module):
         )
 
 
-def resnet(depth=20, num_classes=10, batch_norm=True, residual=True):
+def original_switches(batch_norm=None, residual=None, batch_norm_not=None, residual_not=None,
+                      base_channel=16):
+    """``(batch_norm, residual)`` from our keywords and/or the original PyHessian's.
+
+    The original ``models/resnet.py`` (amirgholami/PyHessian) names its switches
+    ``batch_norm_not`` and ``residual_not``, but ``True`` means the feature is PRESENT:
+    ``if self.batch_norm_not: self.bn1 = nn.BatchNorm2d(...)`` and ``if self.residual_not:
+    out += residual`` (both default to True, and its training.py passes ``--batch-norm`` /
+    ``--residual`` straight into them). So ``batch_norm_not`` is our ``batch_norm`` and
+    ``residual_not`` is our ``residual``, despite the names. Either spelling may be given;
+    both for the same switch must agree (TypeError otherwise). Not given: True.
+    ``base_channel`` (the original's stem width) is accepted at its only value, 16.
+    """
+    pairs = (("batch_norm", batch_norm, "batch_norm_not", batch_norm_not),
+             ("residual", residual, "residual_not", residual_not))
+    out = []
+    for ours, value, theirs, their_value in pairs:
+        if value is not None and their_value is not None and bool(value) != bool(their_value):
+            raise TypeError(f"{ours}={value!r} and {theirs}={their_value!r} contradict each "
+                            f"other ({theirs}=True means the feature is present, as "
+                            f"{ours}=True does); pass one of them")
+        chosen = value if value is not None else their_value
+        out.append(True if chosen is None else bool(chosen))
+    if base_channel != 16:
+        raise ValueError(f"base_channel={base_channel!r} is not supported: this ResNet has the "
+                         "original's 16/32/64 channels (base_channel=16)")
+    return tuple(out)
+
+
+def resnet(depth=20, num_classes=10, batch_norm=None, residual=None, **original):
     """Build a CIFAR ResNet of depth 6n+2 (20, 32, 44, 56, 110, ...).
 
-    Raises ValueError when ``depth`` is not of the form 6n+2.
+    ``batch_norm`` / ``residual`` (default True) switch BatchNorm and the skip connections.
+    PyHessian's own call ``resnet(num_classes=10, depth=20, residual_not=True,
+    batch_norm_not=True)`` works too: ``batch_norm_not`` / ``residual_not`` are the original's
+    names for the same switches, and True means the feature is PRESENT (see
+    ``original_switches``). Raises ValueError when ``depth`` is not of the form 6n+2, and
+    TypeError for an unknown keyword or contradicting switches.
     """
-    return ResNet(depth=depth, num_classes=num_classes, batch_norm=batch_norm, residual=residual)
+    unknown = sorted(set(original) - {"batch_norm_not", "residual_not", "base_channel"})
+    if unknown:
+        raise TypeError(f"resnet() got an unexpected keyword argument {unknown[0]!r}")
+    return ResNet(depth=depth, num_classes=num_classes, batch_norm=batch_norm,
+                  residual=residual, **original)

@@ -1,7 +1,10 @@
-"""Checkpoints: save ours, load ours or the original PyHessian's, into a fresh ResNet.
+"""Checkpoints: save ours, load ours or the original PyHessian's, into a fresh model.
 
 ``save_checkpoint`` writes a self-describing file (weights, architecture, data set,
-normalisation, epoch, accuracy, arguments) atomically, loadable with ``weights_only=True``.
+normalisation, image size, epoch, accuracy, arguments, and optionally the training state for
+``--resume``) atomically, loadable with ``weights_only=True``. The model is our CIFAR ResNet
+(arch ``{"name": "resnet", ...}``) or one built by ``--model module:callable`` (arch
+``{"name": "custom", "spec": ..., "num_classes": N}``, rebuilt through ``support.models``).
 
 ``load_checkpoint`` reads a checkpoint in five steps a reader can follow one at a time::
 
@@ -12,29 +15,40 @@ normalisation, epoch, accuracy, arguments) atomically, loadable with ``weights_o
     check_finite(state_dict, path)                       (no NaN / inf weights)
     build_model(arch, state_dict, path)         -> model (keys and shapes checked, loaded)
 
+``read_training_state(path)`` gives what ``training.py --resume`` needs (optimizer, schedule,
+epoch, RNG states: see ``capture_rng_state`` / ``restore_rng_state``).
+
 Every problem a user can fix raises ``CheckpointError`` with one sentence.
 """
 import os
+import random
 import re
 
+import numpy as np
 import torch
 from torch import nn
 
 from models.resnet import resnet
-from support.errors import CheckpointError, short_reason
+from support.errors import CheckpointError, UserError, short_reason
 from support.files import atomic_torch_save
+from support.models import model_from_spec
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_FORMAT_VERSION",
     "build_model",
+    "capture_rng_state",
+    "check_model_spec",
     "check_finite",
     "check_flags",
     "count_parameters",
+    "custom_arch",
     "load_checkpoint",
     "parse_original",
     "parse_ours",
     "read_checkpoint_file",
+    "read_training_state",
+    "restore_rng_state",
     "save_checkpoint",
     "unwrap_model",
 ]
@@ -45,7 +59,8 @@ CHECKPOINT_FORMAT_VERSION = 1
 # What to do when a file is not a usable checkpoint (ends most "cannot read" messages).
 _HINT = "pass a complete file written by training.py or the original PyHessian"
 # meta fields that only our format records (None for the original's plain state_dicts).
-_META_FIELDS = ("dataset", "normalization", "epoch", "test_accuracy", "args", "torch_version")
+_META_FIELDS = ("dataset", "normalization", "image_size", "epoch", "test_accuracy", "args",
+                "torch_version")
 
 
 # ---- saving ------------------------------------------------------------------------------
@@ -82,7 +97,10 @@ def _plain(value):
 
 
 def _arch_of(model):
-    """The ``arch`` record of a ResNet: name, depth, batch_norm, residual, num_classes."""
+    """The ``arch`` record of our ResNet: name, depth, batch_norm, residual, num_classes."""
+    if not all(hasattr(model, a) for a in ("depth", "batch_norm", "residual", "num_classes")):
+        raise ValueError(f"{type(model).__name__} is not the built-in ResNet; pass "
+                         "arch=custom_arch(spec, num_classes) to save_checkpoint")
     return {
         "name": "resnet",
         "depth": int(model.depth),
@@ -92,12 +110,37 @@ def _arch_of(model):
     }
 
 
-def save_checkpoint(path, model, *, dataset, normalization, epoch, test_accuracy, args):
+def custom_arch(spec, num_classes):
+    """The ``arch`` record of a model built by ``--model spec`` (see ``support.models``)."""
+    return {"name": "custom", "spec": str(spec), "num_classes": int(num_classes)}
+
+
+def _check_safe(value, where="training_state"):
+    """Raise TypeError unless ``value`` holds only what weights_only loading accepts."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where}: key {k!r} is not a str or int")
+            _check_safe(v, f"{where}[{k!r}]")
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_safe(v, f"{where}[{i}]")
+        return
+    raise TypeError(f"{where} is a {type(value).__name__}; store tensors or plain types")
+
+
+def save_checkpoint(path, model, *, dataset, normalization, epoch, test_accuracy, args,
+                    arch=None, image_size=32, training_state=None):
     """Save a self-describing checkpoint atomically (loadable with weights_only=True).
 
     The file holds {"format", "format_version", "state_dict" (no ``module.`` prefix),
-    "arch" {"name", "depth", "batch_norm", "residual", "num_classes"}, "dataset",
-    "normalization", "epoch", "test_accuracy", "args", "torch_version"}.
+    "arch" (ours: {"name": "resnet", "depth", "batch_norm", "residual", "num_classes"};
+    ``--model``: ``custom_arch(spec, num_classes)``), "dataset", "normalization",
+    "image_size", "epoch", "test_accuracy", "args", "torch_version"} and, when given,
+    "training_state" (tensors and plain types only; see ``read_training_state``).
     Raises CheckpointError when the file cannot be written.
     """
     model = unwrap_model(model)
@@ -106,14 +149,18 @@ def save_checkpoint(path, model, *, dataset, normalization, epoch, test_accuracy
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_FORMAT_VERSION,
         "state_dict": state_dict,
-        "arch": _arch_of(model),
+        "arch": _plain(arch) if arch is not None else _arch_of(model),
         "dataset": _plain(dataset),
         "normalization": _plain(normalization),
+        "image_size": int(image_size),
         "epoch": _plain(epoch),
         "test_accuracy": _plain(test_accuracy),
         "args": _plain(dict(args) if args is not None else {}),
         "torch_version": str(torch.__version__),
     }
+    if training_state is not None:
+        _check_safe(training_state)
+        obj["training_state"] = training_state
     try:
         atomic_torch_save(obj, path)
     except OSError as exc:
@@ -123,11 +170,78 @@ def save_checkpoint(path, model, *, dataset, normalization, epoch, test_accuracy
         ) from None
 
 
+# ---- training state (--resume) --------------------------------------------------------------
+
+
+def capture_rng_state(loader_generator=None):
+    """Every random-number state training consumes, as tensors and plain types: torch's CPU
+    generator (and every CUDA device's), NumPy's global MT19937, Python's ``random``, and the
+    data loader's shuffling generator (when given)."""
+    version, mt, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "state": torch.tensor(mt, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+        "loader": loader_generator.get_state() if loader_generator is not None else None,
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def restore_rng_state(state, loader_generator=None):
+    """Set the states ``capture_rng_state`` recorded (the CUDA ones when the device count
+    matches)."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()),
+                     py["gauss_next"]))
+    if loader_generator is not None and state.get("loader") is not None:
+        loader_generator.set_state(state["loader"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def read_training_state(path):
+    """``(state_dict, training_state, meta)`` of a checkpoint that ``training.py`` wrote with its
+    training state (the last-epoch file, not the best-accuracy one); CheckpointError otherwise.
+    The weights are checked for NaN / inf."""
+    path = os.fspath(path)
+    obj = read_checkpoint_file(path)
+    if not (isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT):
+        raise CheckpointError(f"--resume {path} is not a checkpoint written by training.py "
+                              "(it has no training state); to continue training, pass the "
+                              "last-epoch checkpoint of a training.py run")
+    state_dict, _arch, meta = parse_ours(obj, path)
+    check_finite(state_dict, path)
+    state = obj.get("training_state")
+    if not isinstance(state, dict) or "optimizer" not in state:
+        stem, ext = os.path.splitext(path)
+        if stem.endswith(".best"):
+            raise CheckpointError(f"--resume {path} is a best-accuracy checkpoint, which holds "
+                                  "no training state (optimizer, epoch, random states); pass "
+                                  f"{stem.removesuffix('.best')}{ext}, the last-epoch "
+                                  "checkpoint, to continue training")
+        raise CheckpointError(f"--resume {path} holds weights but no training state (optimizer, "
+                              "epoch, random states); pass the last-epoch checkpoint of a "
+                              "training.py run (to analyse this one, pass it to "
+                              "example_pyhessian_analysis.py)")
+    return state_dict, state, meta
+
+
 # ---- loading -----------------------------------------------------------------------------
 
 
-def load_checkpoint(path, *, batch_norm=None, residual=None, map_location="cpu"):
-    """Load a checkpoint into a fresh ResNet; return ``(model, meta)``.
+def load_checkpoint(path, *, batch_norm=None, residual=None, map_location="cpu",
+                    model_spec=None):
+    """Load a checkpoint into a fresh model; return ``(model, meta)``.
 
     Accepts
       * our format (``save_checkpoint``), and
@@ -135,24 +249,31 @@ def load_checkpoint(path, *, batch_norm=None, residual=None, map_location="cpu")
         by nn.DataParallel; un-prefixed keys work too).  Their architecture is inferred
         from the keys (see ``_infer_arch``; residual = "has downsample keys").
 
+    model_spec: ``--model module.path:callable``. None takes the checkpoint's model (our
+    ResNet, or the spec a custom checkpoint records); a spec must agree with a custom
+    checkpoint's and cannot replace the ResNet of one of ours; for a plain state_dict it
+    builds the model (``num_classes`` = rows of the last 2-D ``*weight`` tensor, the classifier).
+
     Always uses ``torch.load(..., weights_only=True)``: no arbitrary code runs.
 
     batch_norm / residual: None takes the checkpoint's value; a bool that contradicts it
     raises CheckpointError (the flags describe the model, they cannot change a trained one).
     Weights with NaN or inf values raise CheckpointError naming the first such tensor.
 
-    meta: {"dataset", "normalization", "epoch", "test_accuracy", "args", "torch_version",
-    "path", "source" ("pyhessian-dist" | "original-state-dict"), "arch"}; the original
-    format has None for dataset/normalization/epoch/test_accuracy/args (the caller then
-    uses CIFAR-10 and its normalisation).  The file is read on the CPU; the model is moved
-    to ``map_location`` when that is a device (or its name) and is in eval mode.
+    meta: {"dataset", "normalization", "image_size", "epoch", "test_accuracy", "args",
+    "torch_version", "path", "source" ("pyhessian-dist" | "original-state-dict"), "arch"}; the
+    original format has None for dataset/normalization/epoch/test_accuracy/args (the caller
+    then uses CIFAR-10 and its normalisation) and image_size 32.  The file is read on the
+    CPU; the model is moved to ``map_location`` when that is a device (or its name) and is in
+    eval mode.
     """
     path = os.fspath(path)
     obj = read_checkpoint_file(path)
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         state_dict, arch, meta = parse_ours(obj, path)
     else:
-        state_dict, arch, meta = parse_original(obj, path)
+        state_dict, arch, meta = parse_original(obj, path, model_spec)
+    check_model_spec(arch, model_spec, path)
     check_flags(arch, batch_norm, residual, path)
     check_finite(state_dict, path)
     model = build_model(arch, state_dict, path)
@@ -188,7 +309,7 @@ def read_checkpoint_file(path):
         )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # zip, pickle, EOF, KeyError...: say what the file is instead
+    except Exception as exc:  # noqa: BLE001 - zip, pickle, EOF...: say what the file is
         reason = _why_unreadable(head, exc)
         raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
 
@@ -259,28 +380,36 @@ def parse_ours(obj, path):
     state_dict, arch = obj.get("state_dict"), obj.get("arch")
     if not _is_state_dict(state_dict) or not isinstance(arch, dict):
         raise CheckpointError(f"cannot read checkpoint {path}: state_dict or arch missing; {_HINT}")
-    if arch.get("name", "resnet") != "resnet":
+    name = arch.get("name", "resnet")
+    if name == "custom" and isinstance(arch.get("spec"), str):
+        arch = {"name": "custom", "spec": arch["spec"], "num_classes": arch.get("num_classes")}
+    elif name == "resnet":
+        arch = {
+            "name": "resnet",
+            "depth": arch.get("depth"),
+            "batch_norm": bool(arch.get("batch_norm")),
+            "residual": bool(arch.get("residual")),
+            "num_classes": arch.get("num_classes"),
+        }
+    else:
         raise CheckpointError(
-            f"checkpoint {path} holds a {arch.get('name')!r} model; only resnet is supported"
+            f"checkpoint {path} holds a {name!r} model; only resnet and custom (--model) "
+            f"are supported"
         )
-    arch = {
-        "name": "resnet",
-        "depth": arch.get("depth"),
-        "batch_norm": bool(arch.get("batch_norm")),
-        "residual": bool(arch.get("residual")),
-        "num_classes": arch.get("num_classes"),
-    }
     meta = {key: obj.get(key) for key in _META_FIELDS}
+    meta["image_size"] = obj.get("image_size", 32)
     meta.update(path=path, source="pyhessian-dist", arch=arch)
     return state_dict, arch, meta
 
 
-def parse_original(obj, path):
+def parse_original(obj, path, model_spec=None):
     """(state_dict, arch, meta) of a plain state_dict as the original PyHessian saves it.
 
     The ``module.`` prefix of nn.DataParallel is stripped; a dict wrapping the state_dict
     under "state_dict", "model_state_dict" or "model" is accepted too.  The architecture is
-    inferred from the keys (``_infer_arch``); meta has None for what the file does not record.
+    inferred from the keys (``_infer_arch``), or with ``model_spec`` is that model with
+    ``num_classes`` from the classifier's rows (``_custom_arch_of_state_dict``); meta has None
+    for what the file does not record.
     """
     state_dict = obj
     if isinstance(obj, dict) and not _is_state_dict(obj):
@@ -294,10 +423,22 @@ def parse_original(obj, path):
             f"not a state_dict; {_HINT}"
         )
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    arch = _infer_arch(state_dict, path)
+    if model_spec is not None:
+        arch = _custom_arch_of_state_dict(state_dict, model_spec, path)
+    else:
+        arch = _infer_arch(state_dict, path)
     meta = dict.fromkeys(_META_FIELDS)
-    meta.update(path=path, source="original-state-dict", arch=arch)
+    meta.update(path=path, source="original-state-dict", arch=arch, image_size=32)
     return state_dict, arch, meta
+
+
+def _custom_arch_of_state_dict(state_dict, spec, path):
+    """``custom_arch(spec, num_classes)`` with num_classes = rows of the last 2-D ``*weight``."""
+    rows = [v.shape[0] for k, v in state_dict.items() if k.endswith("weight") and v.dim() == 2]
+    if not rows:
+        raise CheckpointError(f"checkpoint {path} has no 2-D weight (a classifier) from which "
+                              f"to read the number of classes for --model {spec}")
+    return custom_arch(spec, rows[-1])
 
 
 def _infer_arch(state_dict, path):
@@ -329,6 +470,19 @@ def _infer_arch(state_dict, path):
 # steps 3 and 4: check the flags and the values ----------------------------------------------
 
 
+def check_model_spec(arch, model_spec, path):
+    """Raise CheckpointError when ``--model`` (``model_spec``, None = not given) contradicts
+    the model the checkpoint holds."""
+    if model_spec is None or (arch["name"] == "custom" and arch["spec"] == model_spec):
+        return
+    if arch["name"] == "custom":
+        raise CheckpointError(f"checkpoint {path} was trained with --model {arch['spec']} but "
+                              f"--model {model_spec} was given; drop --model or pass "
+                              f"--model {arch['spec']}")
+    raise CheckpointError(f"checkpoint {path} holds the built-in ResNet{arch['depth']}, not "
+                          f"--model {model_spec}; drop --model")
+
+
 def _flag_pair(name):
     """("--batch-norm", "--no-batch-norm") for "batch_norm"."""
     return f"--{name.replace('_', '-')}", f"--no-{name.replace('_', '-')}"
@@ -341,6 +495,10 @@ def check_flags(arch, batch_norm, residual, path):
     change a trained one.
     """
     for name, given in (("batch_norm", batch_norm), ("residual", residual)):
+        if given is not None and arch["name"] == "custom":
+            on, off = _flag_pair(name)
+            raise CheckpointError(f"checkpoint {path} holds --model {arch['spec']}; {on} / "
+                                  f"{off} describe the built-in ResNet only; drop the flag")
         if given is not None and bool(given) != arch[name]:
             on, off = _flag_pair(name)
             given_flag, right_flag = (on, off) if given else (off, on)
@@ -370,16 +528,24 @@ def check_finite(state_dict, path):
 
 
 def build_model(arch, state_dict, path):
-    """A fresh ResNet described by ``arch`` with ``state_dict`` loaded (keys and shapes checked)."""
-    try:
-        model = resnet(
-            depth=arch["depth"],
-            num_classes=arch["num_classes"],
-            batch_norm=arch["batch_norm"],
-            residual=arch["residual"],
-        )
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {path} describes an impossible ResNet: {exc}") from None
+    """A fresh model described by ``arch`` with ``state_dict`` loaded (keys and shapes checked)."""
+    if arch["name"] == "custom":
+        try:
+            model = model_from_spec(arch["spec"], arch["num_classes"])
+        except UserError as exc:
+            raise CheckpointError(f"checkpoint {path} holds a --model {arch['spec']} model that "
+                                  f"cannot be rebuilt here: {exc}") from None
+    else:
+        try:
+            model = resnet(
+                depth=arch["depth"],
+                num_classes=arch["num_classes"],
+                batch_norm=arch["batch_norm"],
+                residual=arch["residual"],
+            )
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(
+                f"checkpoint {path} describes an impossible ResNet: {exc}") from None
     _check_keys_and_shapes(model.state_dict(), state_dict, arch, path)
     try:
         model.load_state_dict(state_dict, strict=True)
@@ -392,7 +558,13 @@ def build_model(arch, state_dict, path):
 
 def _check_keys_and_shapes(expected, state_dict, arch, path):
     """Raise CheckpointError when ``state_dict`` misses, adds or reshapes a key of ``expected``."""
-    model_name = f"ResNet{arch['depth']}"
+    if arch["name"] == "custom":
+        model_name = f"--model {arch['spec']}"
+        described = model_name
+    else:
+        model_name = f"ResNet{arch['depth']}"
+        described = (f"{model_name} (batch_norm={arch['batch_norm']}, "
+                     f"residual={arch['residual']})")
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
@@ -402,8 +574,7 @@ def _check_keys_and_shapes(expected, state_dict, arch, path):
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
         raise CheckpointError(
-            f"checkpoint {path} does not match {model_name} (batch_norm={arch['batch_norm']}, "
-            f"residual={arch['residual']}): {' and '.join(parts)}; {_HINT}"
+            f"checkpoint {path} does not match {described}: {' and '.join(parts)}; {_HINT}"
         )
     for key, tensor in expected.items():
         if tuple(state_dict[key].shape) != tuple(tensor.shape):

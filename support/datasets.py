@@ -54,6 +54,7 @@ class DataBundle:
     num_classes: number of classes
     normalization: {"mean": [r, g, b], "std": [r, g, b]} used by all three views
     name:        the data set's name (one of DATASETS)
+    image_size:  side of the square images the views return (32 except for imagefolder)
     """
 
     train: torch.utils.data.Dataset
@@ -62,6 +63,7 @@ class DataBundle:
     num_classes: int
     normalization: dict
     name: str
+    image_size: int = 32
 
 
 def default_normalization(name):
@@ -89,14 +91,18 @@ def _check_normalization(normalization):
     return {"mean": mean, "std": std}
 
 
-def _transforms(normalization, resize=False):
-    """(augmented, plain) transform pipelines shared by every data set."""
+def _transforms(normalization, resize=False, image_size=32):
+    """(augmented, plain) transform pipelines shared by every data set: with ``resize``, images
+    are first resized to ``image_size`` x ``image_size``; the crop pads by image_size / 8
+    (4 pixels at 32, as the original)."""
     from torchvision import transforms as T
 
     norm = T.Normalize(normalization["mean"], normalization["std"])
-    head = [T.Resize((32, 32))] if resize else []
+    head = [T.Resize((image_size, image_size))] if resize else []
+    pad = max(1, round(image_size / 8))
     augmented = T.Compose(
-        head + [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), norm]
+        head + [T.RandomCrop(image_size, padding=pad), T.RandomHorizontalFlip(), T.ToTensor(),
+                norm]
     )
     plain = T.Compose(head + [T.ToTensor(), norm])
     return augmented, plain
@@ -233,7 +239,7 @@ def _load_cifar(name, data_dir, download, train_tf, plain_tf):
             socket.setdefaulttimeout(30)
         train = cls(root=data_dir, train=True, download=want_download, transform=train_tf)
         test = cls(root=data_dir, train=False, download=False, transform=plain_tf)
-    except Exception as exc:  # torchvision raises RuntimeError, URLError, tarfile errors...
+    except Exception as exc:  # noqa: BLE001 - RuntimeError, URLError, tarfile errors...
         if have_archive:
             how = f"{archive} there could not be used ({short_reason(exc)}; is it complete?)"
         elif want_download:
@@ -311,28 +317,32 @@ def _load_imagefolder(data_dir, train_tf, plain_tf):
     return train, _with_transform(train, plain_tf), test
 
 
-def get_datasets(name, data_dir="data", normalization=None, download=True):
+def get_datasets(name, data_dir="data", normalization=None, download=True, image_size=32):
     """Build the train (augmented), train_eval (un-augmented train) and test views of a data set.
 
     name: one of DATASETS.
       * cifar10 / cifar100: torchvision data sets in ``data_dir`` (downloaded when missing
         and ``download``; offline, place the archive in ``data_dir``).
       * imagefolder: ``data_dir/train/<class>/*`` and ``data_dir/test/<class>/*``, any
-        image size (resized to 32x32).
+        image size (resized to ``image_size`` x ``image_size``, default 32).
       * synthetic: ``SyntheticCIFAR`` (5,000 train / 1,000 test, 10 classes), no files.
     normalization: None for the data set's default, or {"mean": [...], "std": [...]}
       (the analysis passes the one recorded in the checkpoint).
 
-    All views share one pipeline: [Resize((32, 32)) for imagefolder] + [RandomCrop(32, 4)
+    image_size: the side the images are resized to (imagefolder only; the others are 32x32).
+
+    All views share one pipeline: [Resize((N, N)) for imagefolder] + [RandomCrop(N, N/8)
     + RandomHorizontalFlip for train] + ToTensor + Normalize.  Raises DataError.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    image_size = _check_image_size(name, image_size)
     normalization = _check_normalization(
         default_normalization(name) if normalization is None else normalization
     )
     data_dir = os.fspath(data_dir)
-    train_tf, plain_tf = _transforms(normalization, resize=(name == "imagefolder"))
+    train_tf, plain_tf = _transforms(normalization, resize=(name == "imagefolder"),
+                                     image_size=image_size)
 
     if name in _CIFAR_INFO:
         train, train_eval, test = _load_cifar(name, data_dir, download, train_tf, plain_tf)
@@ -352,22 +362,34 @@ def get_datasets(name, data_dir="data", normalization=None, download=True):
         num_classes=num_classes,
         normalization=normalization,
         name=name,
+        image_size=image_size,
     )
 
 
-def hessian_subset(dataset, num_samples, seed):
+def _check_image_size(name, image_size):
+    """``image_size`` as an int; DataError unless positive, and 32 for all but imagefolder."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise DataError(f"--image-size must be a positive integer, got {image_size!r}")
+    if name != "imagefolder" and image_size != 32:
+        raise DataError(f"--image-size {image_size} applies to --dataset imagefolder only "
+                        f"({name} images are 32x32); drop --image-size")
+    return image_size
+
+
+def hessian_subset(dataset, num_samples, seed, flag="--hessian-batch-size"):
     """``num_samples`` distinct indices of ``dataset``, chosen by ``torch.randperm`` from ``seed``.
 
     The same (len(dataset), num_samples, seed) always gives the same list, on every rank and
-    every machine (a private torch.Generator; the global RNG is untouched).
+    every machine (a private torch.Generator; the global RNG is untouched). ``flag`` names the
+    option that set ``num_samples`` in the error messages.
     """
     n = len(dataset)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
-        raise DataError(f"--hessian-batch-size must be a positive integer, got {num_samples!r}")
+        raise DataError(f"{flag} must be a positive integer, got {num_samples!r}")
     if num_samples > n:
         raise DataError(
-            f"--hessian-batch-size {num_samples} exceeds the {n} samples of the training set; "
-            f"pass --hessian-batch-size {n} or less"
+            f"{flag} {num_samples} exceeds the {n} samples of the training set; "
+            f"pass {flag} {n} or less"
         )
     g = torch.Generator().manual_seed(int(seed))
     return torch.randperm(n, generator=g)[:num_samples].tolist()

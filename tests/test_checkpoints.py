@@ -330,3 +330,72 @@ def test_save_to_unwritable_place_is_checkpoint_error(tmp_path):
         utils.save_checkpoint(blocker / "ck.pkl", resnet(8), dataset="synthetic",
                               normalization=None,
                               epoch=1, test_accuracy=None, args={})
+
+
+# ---- the training state (training.py --resume) -----------------------------------------------
+def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
+    import random
+
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    np.random.randn()  # a cached Gaussian in NumPy's state
+    random.gauss(0, 1)  # and in Python's
+    state = utils.capture_rng_state(gen)
+
+    def draw():
+        return (torch.rand(3).tolist(), np.random.rand(3).tolist(), np.random.randn(),
+                [random.random() for _ in range(3)], random.gauss(0, 1),
+                torch.rand(3, generator=gen).tolist())
+
+    first = draw()
+    model = resnet(8)
+    path = tmp_path / "state.pkl"
+    utils.save_checkpoint(path, model, dataset="synthetic", normalization=None, epoch=1,
+                          test_accuracy=1.0, args={}, training_state={"epoch": 1, "rng": [state],
+                                                                       "optimizer": {}})
+    loaded = torch.load(path, weights_only=True)["training_state"]["rng"][0]
+    torch.manual_seed(99)
+    np.random.seed(99)
+    random.seed(99)
+    gen.manual_seed(99)
+    utils.restore_rng_state(loaded, gen)
+    assert draw() == first
+
+
+def test_training_state_must_be_weights_only_safe(tmp_path):
+    with pytest.raises(TypeError, match=r"training_state\['x'\] is a Generator"):
+        utils.save_checkpoint(tmp_path / "x.pkl", resnet(8), dataset="synthetic",
+                              normalization=None, epoch=1, test_accuracy=1.0, args={},
+                              training_state={"x": torch.Generator()})
+    assert not (tmp_path / "x.pkl").exists()
+
+
+def test_read_training_state_needs_one(tmp_path):
+    plain = tmp_path / "plain.pkl"
+    save_plain(resnet(8), plain)
+    with pytest.raises(utils.CheckpointError, match="not a checkpoint written by training.py"):
+        utils.read_training_state(plain)
+    ours = tmp_path / "net.best.pkl"
+    utils.save_checkpoint(ours, resnet(8), dataset="synthetic", normalization=None, epoch=1,
+                          test_accuracy=1.0, args={})
+    with pytest.raises(utils.CheckpointError, match="best-accuracy checkpoint, which holds no "
+                                                    "training state .* pass .*net.pkl, the "
+                                                    "last-epoch checkpoint"):
+        utils.read_training_state(ours)
+
+
+def test_image_size_is_recorded_and_defaults_to_32(tmp_path):
+    path = tmp_path / "ours.pkl"
+    utils.save_checkpoint(path, resnet(8), dataset="synthetic", normalization=None, epoch=1,
+                          test_accuracy=1.0, args={})
+    assert utils.load_checkpoint(path)[1]["image_size"] == 32
+    obj = torch.load(path, weights_only=True)
+    del obj["image_size"]  # written before --image-size existed
+    torch.save(obj, path)
+    assert utils.load_checkpoint(path)[1]["image_size"] == 32
+    save_plain(resnet(8), tmp_path / "plain.pkl")
+    assert utils.load_checkpoint(tmp_path / "plain.pkl")[1]["image_size"] == 32

@@ -11,8 +11,6 @@ import types
 
 import pytest
 import torch
-from dist_harness import run_distributed
-from tiny import SIZES, dense_hessian, make, split_uneven
 from torch import nn
 
 import analyses.landscape as landscape
@@ -20,9 +18,11 @@ from analyses import selected
 from analyses.base import Context
 from analyses.eigenvalues import TopEigenvalues
 from analyses.landscape import Landscape, filter_normalized, plot_landscape
+from dist_harness import run_distributed
 from pyhessian_dist import HessianOperator
 from support.errors import UserError
 from support.outputs import RunOutputs
+from tiny import SIZES, dense_hessian, make, split_uneven
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CE = nn.CrossEntropyLoss()
