@@ -11,8 +11,6 @@ rank 0 prints and writes results.json and the figures into --output-dir as one s
 """
 from __future__ import annotations
 
-import functools
-import json
 import os
 import sys
 import time
@@ -22,75 +20,58 @@ import torch
 from torch import nn
 
 import pyhessian_dist
+import utils
 from analyses import REGISTRY, Context, selected
 from pyhessian_dist import HessianOperator
 from pyhessian_dist.distributed import launched_by_torchrun, print0
-from utils import (
-    DATASETS,
-    ArgumentParser,
-    DataError,
-    HelpFormatter,
-    UserError,
-    add_bool_flag,
-    agree,
-    check_cpu_workers,
-    check_output_dir,
-    count_parameters,
-    describe_setup,
-    get_datasets,
-    hessian_subset,
-    launch,
-    load_checkpoint,
-    positive_float,
-    positive_int,
-    run_main,
-    run_record,
-    shard_batches,
-    write_outputs,
-)
 
 
 # ---------------------------------------------------------------------------- command line
 def parse_args(argv=None):
-    p = ArgumentParser(description="Hessian analysis of a trained ResNet (or your model).",
-                       formatter_class=HelpFormatter)
+    p = utils.ArgumentParser(description="Hessian analysis of a trained ResNet (or your model).",
+                             formatter_class=utils.HelpFormatter)
     # the original's flags (the boolean ones mean what they say; see the README)
-    p.add_argument("--mini-hessian-batch-size", type=positive_int, default=200,
+    p.add_argument("--mini-hessian-batch-size", type=utils.positive_int, default=200,
                    help="samples per mini-batch (one forward/backward pass)")
-    p.add_argument("--hessian-batch-size", type=positive_int, default=200,
+    p.add_argument("--hessian-batch-size", type=utils.positive_int, default=200,
                    help="samples in the Hessian data set (chosen from the train split by --seed)")
     p.add_argument("--seed", type=int, default=1, help="seed for the sample choice and probes")
-    add_bool_flag(p, "batch-norm", None, "model has BatchNorm (default: from the checkpoint)")
-    add_bool_flag(p, "residual", None, "model has residual connections (default: from the "
-                  "checkpoint)")
-    add_bool_flag(p, "cuda", True, "use GPUs (falls back to CPU with a warning)")
+    utils.add_bool_flag(p, "batch-norm", None, "model has BatchNorm (default: the checkpoint's)")
+    utils.add_bool_flag(p, "residual", None, "model has residual connections (default: the "
+                        "checkpoint's)")
+    utils.add_bool_flag(p, "cuda", True, "use GPUs (falls back to CPU with a warning)")
     p.add_argument("--resume", required=True, help="checkpoint to analyse (ours or the original's)")
     p.add_argument("--ip", default="127.0.0.1", help="address of rank 0 for the spawned workers")
-    p.add_argument("--device_count", type=positive_int, default=None,
+    p.add_argument("--device_count", type=utils.positive_int, default=None,
                    help="processes: GPUs with --cuda (default: all visible), else CPU workers "
                         "(default 1), threads split evenly")
     # the analyses: each adds its flag and options (analyses/)
     for analysis in REGISTRY:
         analysis.add_arguments(p)
     # ours
-    p.add_argument("--max-iter", type=positive_int, default=100,
+    p.add_argument("--max-iter", type=utils.positive_int, default=100,
                    help="most products: per eigenvalue (power), in all (lanczos), probes (trace)")
-    p.add_argument("--tol", type=positive_float, default=1e-3,
+    p.add_argument("--tol", type=utils.positive_float, default=1e-3,
                    help="relative tolerance: eigenvalue error bound (lanczos), relative change "
                         "(power; trace with --trace-rse 0)")
     p.add_argument("--port", type=int, default=29500,
                    help="TCP port of rank 0 for spawned workers; 0 picks a free one")
     p.add_argument("--backend", choices=("auto", "nccl", "gloo"), default="auto",
                    help="process-group backend (auto: nccl on CUDA, gloo on CPU)")
-    p.add_argument("--dataset", choices=DATASETS, default=None,
+    p.add_argument("--dataset", choices=utils.DATASETS, default=None,
                    help="data set (default: the checkpoint's; cifar10 for original checkpoints)")
     p.add_argument("--data-dir", default="data", help="where the data set lives / downloads to")
+    p.add_argument("--image-size", type=utils.positive_int, default=None,
+                   help="imagefolder: resize images to N x N (default: the checkpoint's, 32)")
+    p.add_argument("--model", default=None, metavar="MODULE:CALLABLE",
+                   help="your model: a callable returning an nn.Module, e.g. "
+                        "torchvision.models:resnet18 (default: the checkpoint's model)")
     p.add_argument("--output-dir", default=".", help="where results.json and the figures go")
     p.add_argument("--reuse-graph", choices=("auto", "on", "off"), default="auto",
                    help="keep first-order graphs across products (auto: as many as fit)")
     p.add_argument("--hvp-mode", choices=pyhessian_dist.HVP_MODES, default="double_backward",
                    help="how a Hessian-vector product is computed")
-    add_bool_flag(p, "tf32", False, "allow TF32 on GPUs (faster, ~1e-3 relative error)")
+    utils.add_bool_flag(p, "tf32", False, "allow TF32 on GPUs (faster, ~1e-3 relative error)")
     args = p.parse_args(argv)
     if not 0 <= args.port <= 65535:
         p.error(f"--port must be between 0 and 65535, got {args.port}")
@@ -111,47 +92,49 @@ class Plan:
     cuda: bool
 
 
-@functools.lru_cache(maxsize=2)
-def data_bundle(name, data_dir, normalization_json, download):
-    norm = json.loads(normalization_json) if normalization_json else None
-    return get_datasets(name, data_dir, normalization=norm, download=download)
-
-
 def bundle_for(args, meta, download=False):
-    name = args.dataset or meta.get("dataset") or "cifar10"
-    return data_bundle(name, args.data_dir, json.dumps(meta.get("normalization")), download)
+    """The data set of the run: --dataset, else the checkpoint's (cached in this process)."""
+    return utils.cached_datasets(args.dataset or meta.get("dataset") or "cifar10",
+                                 args.data_dir, meta.get("normalization"), download,
+                                 args.image_size or meta.get("image_size") or 32)
+
+
+def load_model(args, device="cpu"):
+    # Your own model: --model module:callable, or construct it here (README, "Your own model").
+    return utils.load_checkpoint(args.resume, batch_norm=args.batch_norm,
+                                 residual=args.residual, map_location=device,
+                                 model_spec=args.model)
 
 
 def validate(args) -> Plan:
     """Everything checkable before a worker starts; raises UserError (one line, exit 2)."""
     for analysis in selected(args):
         analysis.check(args)
-    earlier = check_output_dir(args.output_dir)
-    model, meta = load_checkpoint(args.resume, batch_norm=args.batch_norm,
-                                  residual=args.residual)
+    earlier = utils.check_output_dir(args.output_dir)
+    model, meta = load_model(args)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     for flag, k in (("--top-n", args.top_n if args.eigenvalue else 0),
                     ("--bottom-n", args.bottom_n)):
         if k > trainable:
-            raise UserError(f"{flag} {k} exceeds the model's {trainable:,} trainable "
-                            f"parameters; pass {flag} {trainable} or less")
+            raise utils.UserError(f"{flag} {k} exceeds the model's {trainable:,} trainable "
+                                  f"parameters; pass {flag} {trainable} or less")
     if not launched_by_torchrun() or os.environ.get("RANK") == "0":
         bundle = bundle_for(args, meta, download=True)
-        hessian_subset(bundle.train_eval, args.hessian_batch_size, args.seed)
+        utils.hessian_subset(bundle.train_eval, args.hessian_batch_size, args.seed)
         if bundle.num_classes != meta["arch"]["num_classes"]:
-            raise DataError(f"the checkpoint has {meta['arch']['num_classes']} classes but data "
-                            f"set {bundle.name} has {bundle.num_classes}; pass the matching "
-                            "--dataset")
+            raise utils.DataError(f"the checkpoint has {meta['arch']['num_classes']} classes "
+                                  f"but data set {bundle.name} has {bundle.num_classes}; pass "
+                                  "the matching --dataset")
     gpus = torch.cuda.device_count() if args.cuda else 0
     if args.cuda and gpus == 0:
         print("warning: --cuda requested but no GPU is available; running on CPU",
               file=sys.stderr)
     n = args.device_count or (gpus if gpus else 1)
     if gpus and n > gpus:
-        raise UserError(f"--device_count {n} but only {gpus} GPU(s) are visible; pass "
-                        f"--device_count {gpus} or less, or --no-cuda for CPU workers")
+        raise utils.UserError(f"--device_count {n} but only {gpus} GPU(s) are visible; pass "
+                              f"--device_count {gpus} or less, or --no-cuda for CPU workers")
     if not gpus and not launched_by_torchrun():
-        warning = check_cpu_workers(n)
+        warning = utils.check_cpu_workers(n)
         if warning:
             print(warning, file=sys.stderr)
     if earlier:
@@ -164,10 +147,10 @@ def validate(args) -> Plan:
 def load_shard(args, meta, worker):
     """This rank's mini-batches, kept on the host (the operator moves them as memory allows)."""
     bundle = bundle_for(args, meta)
-    indices = hessian_subset(bundle.train_eval, args.hessian_batch_size, args.seed)
-    batches, num_batches = shard_batches(bundle.train_eval, indices,
-                                         args.mini_hessian_batch_size, worker.rank,
-                                         worker.world_size)
+    indices = utils.hessian_subset(bundle.train_eval, args.hessian_batch_size, args.seed)
+    batches, num_batches = utils.shard_batches(bundle.train_eval, indices,
+                                               args.mini_hessian_batch_size, worker.rank,
+                                               worker.world_size)
     return bundle, batches, num_batches
 
 
@@ -178,10 +161,9 @@ def worker(ctx, args, plan):
     torch.backends.cudnn.allow_tf32 = args.tf32
     print0(f"loading the model and {args.hessian_batch_size} samples "
            f"({args.mini_hessian_batch_size} per mini-batch) on {ctx.world_size} rank(s)...")
-    # To analyse your own model, build it here instead (see README, "Your own model").
-    model, meta = load_checkpoint(args.resume, map_location=ctx.device)
+    model, meta = load_model(args, ctx.device)
     # To use your own data set, return your (x, y) mini-batches from load_shard.
-    bundle, batches, num_batches = agree(ctx, lambda: load_shard(args, meta, ctx))
+    bundle, batches, num_batches = utils.agree(ctx, lambda: load_shard(args, meta, ctx))
     if num_batches < ctx.world_size:
         print0(f"warning: {num_batches} mini-batches for {ctx.world_size} ranks: "
                f"{ctx.world_size - num_batches} ranks hold no data; lower "
@@ -193,9 +175,9 @@ def worker(ctx, args, plan):
     data = {"dataset": bundle.name, "split": "train (un-augmented)",
             "num_samples": op.num_samples, "num_mini_batches": num_batches,
             "mini_batch_size": args.mini_hessian_batch_size,
-            "samples_per_rank": gather_counts(ctx, op.local_num_samples),
+            "samples_per_rank": utils.gather_objects(ctx, op.local_num_samples),
             "normalization": bundle.normalization, "seed": args.seed}
-    for line in describe_setup(op, data, ctx, time.perf_counter() - t_start):
+    for line in utils.describe_setup(op, data, ctx, time.perf_counter() - t_start):
         print0(line)
 
     analyses = selected(args)
@@ -206,11 +188,11 @@ def worker(ctx, args, plan):
             print0(line)
 
     if ctx.rank == 0:
-        model_info = {"arch": meta["arch"], "num_parameters": count_parameters(model),
+        model_info = {"arch": meta["arch"], "num_parameters": utils.count_parameters(model),
                       "num_trainable": op.dim, "checkpoint": {k: meta.get(k) for k in (
                           "path", "source", "dataset", "epoch", "test_accuracy")}}
-        record = run_record(args, ctx, op, model_info, data, analyses, actx, t_start)
-        written, removed, warnings = write_outputs(args, record, analyses, actx)
+        record = utils.run_record(args, ctx, op, model_info, data, analyses, actx, t_start)
+        written, removed, warnings = utils.write_outputs(args, record, analyses, actx)
         ctx.committed()
         for line in warnings:
             print0(line)
@@ -218,27 +200,18 @@ def worker(ctx, args, plan):
                + (f"; removed {', '.join(removed)} of an earlier run" if removed else ""))
 
 
-def gather_counts(ctx, count):
-    if ctx.world_size == 1:
-        return [count]
-    counts = [0] * ctx.world_size
-    torch.distributed.all_gather_object(counts, count)
-    return counts
-
-
 # ---------------------------------------------------------------------------- main
 def analyse(args):
     plan = validate(args)
-    arch = plan.meta["arch"]
-    print0(f"pyhessian-dist {pyhessian_dist.__version__} | ResNet{arch['depth']} (batch_norm="
-           f"{arch['batch_norm']}, residual={arch['residual']}) | {args.resume}")
-    launch(worker, (args, plan), nprocs=plan.nprocs, cuda=plan.cuda, backend=args.backend,
-           ip=args.ip, port=args.port)
+    print0(f"pyhessian-dist {pyhessian_dist.__version__} | {utils.describe_model(plan.meta)} | "
+           f"{args.resume}")
+    utils.launch(worker, (args, plan), nprocs=plan.nprocs, cuda=plan.cuda,
+                 backend=args.backend, ip=args.ip, port=args.port)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    return run_main(lambda: analyse(args), what="the analysis")
+    return utils.run_main(lambda: analyse(args), what="the analysis")
 
 
 if __name__ == "__main__":

@@ -68,8 +68,10 @@ class Trace(Analysis):
             return hutchpp_trace(op, a.max_iter, generator=ctx.generator(self),
                                  callback=progress)
         deflate = 0 if a.trace_method == "hutchinson" else a.trace_deflate
+        # the Krylov basis and its products, float64: keep them within a quarter of the budget
+        cap = max(1, min(50, op.memory_budget_bytes // 4 // (3 * 8 * op.dim)))
         return hutchinson_trace(op, max_iter=a.max_iter, tol=a.tol, rse=a.trace_rse or None,
-                                deflate=deflate, groups=groups,
+                                deflate=deflate, max_deflation_steps=cap, groups=groups,
                                 diagonal=bool(getattr(a, "diagonal", False)),
                                 block_size=1 if not a.trace_rse else 4,
                                 generator=ctx.generator(self), callback=progress)

@@ -99,13 +99,18 @@ def lanczos_tridiagonal(op: LinearOperator, V0: torch.Tensor, num_steps: int, *,
     r, dim = V0.shape
     device = V0.device
     m_max = min(int(num_steps), dim)
-    Q = torch.zeros(r, m_max, dim, dtype=F64, device=device)
+    # the basis (r, m, dim) float64 is the memory Lanczos needs: grown as steps are taken
+    Q = torch.zeros(r, min(m_max, 8), dim, dtype=F64, device=device)
     alpha = torch.zeros(r, m_max, dtype=F64, device=device)
     beta = torch.zeros(r, m_max, dtype=F64, device=device)
     q = V0.to(F64)
     q = q / q.norm(dim=1, keepdim=True)
     scale = torch.zeros(r, dtype=F64, device=device)
     for j in range(m_max):
+        if j == Q.shape[1]:
+            grown = torch.zeros(r, min(m_max, 2 * j), dim, dtype=F64, device=device)
+            grown[:, :j] = Q
+            Q = grown
         Q[:, j] = q
         w = _apply(op, q)
         alpha[:, j] = (w * q).sum(dim=1)
@@ -396,14 +401,20 @@ def _lanczos_deflation(op, generator, steps, auto, rse, min_probes, pilot, histo
     predicted cost and keeps the basis of that step."""
     z0 = rademacher((1, op.dim), generator, op.device)
     best, result = None, None
+    AQ = torch.zeros(steps, op.dim, dtype=F64, device=op.device)
     for m, alpha, beta, Q, w, _broken in lanczos_tridiagonal(op, z0, steps, generator=generator):
-        T = _tridiagonal(alpha[0], beta[0], m)
-        AQ = T @ Q[0] + torch.outer(torch.eye(m, dtype=F64, device=Q.device)[-1], w[0])
-        result = (m, Q[0], AQ)
+        # A q_j = beta_{j-1} q_{j-1} + alpha_j q_j + beta_j q_{j+1}; the last row ends in w
+        q, a, b = Q[0], alpha[0], beta[0]
+        if m >= 2:
+            AQ[m - 2] = a[m - 2] * q[m - 2] + b[m - 2] * q[m - 1]
+            if m >= 3:
+                AQ[m - 2] += b[m - 3] * q[m - 3]
+        AQ[m - 1] = a[m - 1] * q[m - 1] + w[0] + (b[m - 2] * q[m - 2] if m >= 2 else 0.0)
+        result = (m, q, AQ[:m])
         if auto and pilot is not None:
-            defl = KrylovDeflation(Q=Q[0], AQ=AQ, num_matvecs=m)
+            defl = KrylovDeflation(Q=q, AQ=AQ[:m], num_matvecs=m)
             PZ, APZ = defl.project(*pilot)
-            PAPZ = APZ - (APZ @ Q[0].T) @ Q[0]
+            PAPZ = APZ - (APZ @ q.T) @ q
             frob_left = float((PAPZ ** 2).sum(dim=1).mean())
             trace_hat = defl.exact_trace + float((PZ * APZ).sum(dim=1).mean())
             cost = m + max(2 * frob_left / (rse * trace_hat) ** 2, min_probes)

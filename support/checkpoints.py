@@ -34,6 +34,7 @@ from support.files import atomic_torch_save
 from support.models import model_from_spec
 
 __all__ = [
+    "describe_model",
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_FORMAT_VERSION",
     "build_model",
@@ -582,3 +583,12 @@ def _check_keys_and_shapes(expected, state_dict, arch, path):
                 f"checkpoint {path} does not match {model_name}: {key} has shape "
                 f"{tuple(state_dict[key].shape)}, expected {tuple(tensor.shape)}; {_HINT}"
             )
+
+
+def describe_model(meta) -> str:
+    """One phrase for the model of a loaded checkpoint's ``meta``."""
+    arch = meta["arch"]
+    if arch.get("name") == "custom":
+        return f"{arch['spec']} ({arch['num_classes']} classes)"
+    return (f"ResNet{arch['depth']} (batch_norm={arch['batch_norm']}, "
+            f"residual={arch['residual']})")

@@ -7,6 +7,7 @@ test, num_classes, normalization); ``hessian_subset`` picks the Hessian samples 
 or unreadable files, a bad layout, a bad size) raise ``DataError`` with one sentence.
 """
 import copy
+import json
 import math
 import os
 import socket
@@ -20,6 +21,7 @@ import torch
 from support.errors import DataError, short_reason
 
 __all__ = [
+    "cached_datasets",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "CIFAR100_MEAN",
@@ -374,6 +376,19 @@ def _check_image_size(name, image_size):
         raise DataError(f"--image-size {image_size} applies to --dataset imagefolder only "
                         f"({name} images are 32x32); drop --image-size")
     return image_size
+
+
+@lru_cache(maxsize=2)
+def _cached(name, data_dir, normalization_json, download, image_size):
+    norm = json.loads(normalization_json) if normalization_json else None
+    return get_datasets(name, data_dir, normalization=norm, download=download,
+                        image_size=image_size)
+
+
+def cached_datasets(name, data_dir="data", normalization=None, download=True, image_size=32):
+    """``get_datasets`` remembered within this process (a script that validates and then runs
+    in the same process loads its data set once)."""
+    return _cached(name, os.fspath(data_dir), json.dumps(normalization), download, image_size)
 
 
 def hessian_subset(dataset, num_samples, seed, flag="--hessian-batch-size"):

@@ -47,6 +47,7 @@ from pyhessian_dist.operator import available_memory_bytes
 from support.errors import UserError
 
 __all__ = ["Interrupted", "LaunchError", "WorkerContext", "WorkerFailed", "agree",
+           "gather_objects",
            "check_cpu_workers", "free_port", "launch", "resolve_device", "run_main"]
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -205,6 +206,15 @@ def _run_torchrun(fn, args, cuda, backend):
         return fn(ctx, *args)
     finally:
         cleanup()
+
+
+def gather_objects(ctx: WorkerContext, value) -> list:
+    """``value`` of every rank, in rank order, on every rank (one all_gather_object)."""
+    if ctx.world_size == 1:
+        return [value]
+    values = [None] * ctx.world_size
+    torch.distributed.all_gather_object(values, value)
+    return values
 
 
 def agree(ctx: WorkerContext, step):

@@ -155,6 +155,31 @@ def test_more_analyses_end_to_end(checkpoint, tmp_path):
 
 
 @pytest.mark.slow
+def test_your_own_torchvision_model(tmp_path):
+    """--model: a torchvision ResNet-18 (randomly initialised, saved as training.py would)
+    analysed end to end, on 2 ranks."""
+    torchvision = pytest.importorskip("torchvision")
+    from support.checkpoints import custom_arch
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    path = tmp_path / "r18.pkl"
+    save_checkpoint(path, model, dataset="synthetic", normalization=None, epoch=0,
+                    test_accuracy=None, args={},
+                    arch=custom_arch("torchvision.models:resnet18", 10))
+    proc = run(["--resume", str(path), "--no-cuda", "--hessian-batch-size", "16",
+                "--mini-hessian-batch-size", "8", "--eigenvalue", "--trace", "--trace-rse",
+                "0.2", "--max-iter", "12", "--device_count", "2", "--port", "0",
+                "--output-dir", str(tmp_path / "out")], timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torchvision.models:resnet18 (10 classes)" in proc.stdout
+    record = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert record["model"]["num_trainable"] == 11_181_642
+    assert record["model"]["arch"]["spec"] == "torchvision.models:resnet18"
+    assert record["results"]["eigenvalue"]["eigenvalues"][0] > 0
+
+
+@pytest.mark.slow
 def test_one_probe_trace_is_strict_json_and_stale_files_are_removed(checkpoint, tmp_path):
     analyse(checkpoint, tmp_path)  # writes example.pdf / .png among others
     proc = run(["--resume", checkpoint, "--output-dir", str(tmp_path), "--no-cuda",
@@ -271,7 +296,9 @@ EXPECTED_FLAGS = [
     "--save-eigenvectors", "--trace", "--trace-method", "--trace-rse", "--trace-deflate",
     "--per-layer", "--group-by", "--per-layer-tol", "--diagonal", "--density", "--lanczos-iter",
     "--n-v", "--max-iter", "--tol", "--port", "--backend", "--dataset", "--data-dir",
-    "--output-dir", "--reuse-graph", "--hvp-mode", "--tf32", "--no-tf32",
+    "--output-dir", "--reuse-graph", "--hvp-mode", "--tf32", "--no-tf32", "--landscape",
+    "--landscape-points", "--landscape-radius", "--landscape-filter-normalize", "--model",
+    "--image-size",
 ]
 
 
