@@ -104,13 +104,14 @@ def plot_convergence(results, path="convergence.png"):
         if trace is not None:
             ax = axes.pop(0)
             hist = [h for h in trace["history"] if h["label"] != "deflation"]
-            x = [h["matvecs"] for h in hist]
+            x = list(range(1, len(hist) + 1))  # probes (a block of probes shares its products)
             m = [h["values"][0] for h in hist]
             se = [h["errors"][0] or 0.0 for h in hist]  # null (one probe) -> no band
             ax.plot(x, m, marker=".", label="estimate")
             ax.fill_between(x, [a - b for a, b in zip(m, se)], [a + b for a, b in zip(m, se)],
                             alpha=0.3, label="± 1 standard error")
-            ax.set_xlabel("Hessian-vector products (deflation included)")
+            spent = (trace.get("deflation") or {}).get("num_matvecs")
+            ax.set_xlabel("probes" + (f" (after {spent} products of deflation)" if spent else ""))
             ax.set_ylabel("trace estimate")
             ax.set_title(f"trace ({trace['method']})")
             ax.legend(fontsize=8)
