@@ -12,6 +12,12 @@ rank 0 prints and writes results.json and the figures into --output-dir as one s
 from __future__ import annotations
 
 import os
+
+# OpenMP threads that spin while waiting make products 10-30x slower on a machine whose cores
+# are shared with other processes (measured: bench/ "threads"); sleeping costs nothing on a
+# quiet one. Set before torch is imported; an OMP_WAIT_POLICY already set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import sys
 import time
 from dataclasses import dataclass

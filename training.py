@@ -22,9 +22,15 @@ after --checkpoint-name (net.pkl):
 """
 from __future__ import annotations
 
+import os
+
+# OpenMP threads that spin while waiting make products 10-30x slower on a machine whose cores
+# are shared with other processes (measured: bench/ "threads"); sleeping costs nothing on a
+# quiet one. Set before torch is imported; an OMP_WAIT_POLICY already set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import math
-import os
 import random
 import sys
 import tempfile

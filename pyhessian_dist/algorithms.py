@@ -146,18 +146,20 @@ def _select(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
     return torch.argsort(key, descending=True)[:k]
 
 
-def _error_bounds(theta: torch.Tensor, rho: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def _error_bounds(theta: torch.Tensor, rho: torch.Tensor, idx: torch.Tensor,
+                  dtype: torch.dtype = F64) -> torch.Tensor:
     """Relative eigenvalue error bounds of the Ritz values ``theta[idx]``.
 
     ``|lambda - theta_i| <= rho_i`` always holds, and ``<= rho_i^2 / gap_i`` when ``gap_i`` is
     the distance from ``theta_i`` to the rest of the spectrum (Parlett 11.7). The gap is
     estimated safely from the other Ritz values, each moved towards ``theta_i`` by its own
-    residual: ``gap_i = min_j (|theta_i - theta_j| - rho_j)``; rounding puts a floor of a few
-    machine epsilons of the largest Ritz value under it. Like every Krylov bound it assumes the
-    Krylov space has seen the eigenvalues near theta_i (a start vector nearly orthogonal to an
-    eigenvector can hide it for a while).
+    residual: ``gap_i = min_j (|theta_i - theta_j| - rho_j)``. The products are only as exact
+    as the operator's ``dtype``: the bound never goes below 10 machine epsilons of that dtype
+    times the largest |Ritz value| (about 1e-6 relative for float32 models). Like every Krylov
+    bound it assumes the Krylov space has seen the eigenvalues near theta_i (a start vector
+    nearly orthogonal to an eigenvector can hide it for a while).
     """
-    floor = 4 * torch.finfo(F64).eps * theta.abs().max()
+    floor = 10 * torch.finfo(dtype).eps * theta.abs().max()
     out = []
     for i in idx.tolist():
         others = torch.ones_like(theta, dtype=torch.bool)
@@ -202,7 +204,7 @@ def lanczos_eigenpairs(op: LinearOperator, k: int = 1, *, which: str = "LA",
         theta, S = torch.linalg.eigh(_tridiagonal(alpha[0], beta[0], m))
         rho = (beta[0, m - 1] * S[m - 1, :]).abs()
         idx = _select(theta, k, which)
-        bounds = _error_bounds(theta, rho, idx)
+        bounds = _error_bounds(theta, rho, idx, op.dtype)
         # after a breakdown the residuals vanish but a restart may still find more copies of
         # a repeated eigenvalue, so only an unbroken run (or the whole space) counts
         converged = m == op.dim or bool(m >= min_steps and (bounds <= tol).all()
@@ -246,7 +248,7 @@ def lanczos_group_eigenpairs(op: LinearOperator, groups: Sequence, k: int = 1, *
     generator = _generator(generator)
     index = [g if isinstance(g, slice) else torch.as_tensor(g, device=op.device) for g in groups]
     sizes = [len(range(op.dim)[g]) if isinstance(g, slice) else len(g) for g in index]
-    runs = [_BlockLanczos(n, k, which, tol, _gaussian((n,), generator, op.device))
+    runs = [_BlockLanczos(n, k, which, tol, _gaussian((n,), generator, op.device), op.dtype)
             for n in sizes]
     total = 0
     for m in range(1, max_steps + 1):
@@ -270,8 +272,8 @@ def lanczos_group_eigenpairs(op: LinearOperator, groups: Sequence, k: int = 1, *
 class _BlockLanczos:
     """One block's Lanczos state for ``lanczos_group_eigenpairs`` (full reorthogonalisation)."""
 
-    def __init__(self, n, k, which, tol, start):
-        self.n, self.k, self.which, self.tol = n, min(k, n), which, tol
+    def __init__(self, n, k, which, tol, start, dtype):
+        self.n, self.k, self.which, self.tol, self.dtype = n, min(k, n), which, tol, dtype
         self.Q = torch.zeros(0, n, dtype=F64, device=start.device)
         self.q = start / start.norm()
         self.alpha, self.beta = [], []
@@ -290,7 +292,7 @@ class _BlockLanczos:
         theta, S = torch.linalg.eigh(_tridiagonal(a, torch.tensor(self.beta, dtype=F64), m))
         rho = (self.beta[-1] * S[m - 1, :]).abs()
         idx = _select(theta, min(self.k, m), self.which)
-        bounds = _error_bounds(theta, rho, idx)
+        bounds = _error_bounds(theta, rho, idx, self.dtype)
         self.values = theta[idx].tolist()
         self.history.append(Step(total, tuple(self.values), tuple(bounds.tolist()),
                                  "eigenvalue error bound"))
@@ -398,7 +400,7 @@ def _lanczos_deflation(op, generator, steps, auto, rse, min_probes, pilot, histo
     bound of the Rademacher variance / 2). F_m and T come from the ``pilot`` probes (Z, AZ),
     projected on the complement of the Krylov space: E ||P A P z||^2 = ||P A P||_F^2, and
     tr(Q^T A Q) + (Pz)^T A (Pz) is the deflated sample. It stops three steps past the smallest
-    predicted cost and keeps the basis of that step."""
+    predicted cost and keeps the whole basis (more deflation never raises the variance)."""
     z0 = rademacher((1, op.dim), generator, op.device)
     best, result = None, None
     AQ = torch.zeros(steps, op.dim, dtype=F64, device=op.device)
@@ -420,19 +422,12 @@ def _lanczos_deflation(op, generator, steps, auto, rse, min_probes, pilot, histo
             cost = m + max(2 * frob_left / (rse * trace_hat) ** 2, min_probes)
             if best is None or cost < best[1]:
                 best = (m, cost)
-            elif m >= best[0] + 3:
-                break  # three steps past the predicted optimum
         _emit(history, callback, Step(m, (float(alpha[0, :m].sum()),), (float("nan"),),
                                       "", "deflation", max_matvecs=steps))
-    m, Q, AQ = result
-    if auto and best is not None and best[0] < m:
-        Q, AQ = _truncate_krylov(Q, AQ, best[0])
+        if best is not None and m >= best[0] + 3:
+            break  # three steps past the predicted optimum
+    m, Q, AQ = result  # the steps past the optimum are paid for: deflating them only helps
     return KrylovDeflation(Q=Q.clone(), AQ=AQ.clone(), num_matvecs=m)
-
-
-def _truncate_krylov(Q, AQ, m):
-    """The first m Lanczos vectors and their products: A q_j for j < m is already in AQ."""
-    return Q[:m].clone(), AQ[:m].clone()
 
 
 def hutchinson_trace(op: LinearOperator, *, max_iter: int = 100, tol: float | None = 1e-3,

@@ -378,17 +378,18 @@ def _check_image_size(name, image_size):
     return image_size
 
 
-@lru_cache(maxsize=2)
-def _cached(name, data_dir, normalization_json, download, image_size):
-    norm = json.loads(normalization_json) if normalization_json else None
-    return get_datasets(name, data_dir, normalization=norm, download=download,
-                        image_size=image_size)
+_CACHE: dict = {}
 
 
 def cached_datasets(name, data_dir="data", normalization=None, download=True, image_size=32):
     """``get_datasets`` remembered within this process (a script that validates and then runs
-    in the same process loads its data set once)."""
-    return _cached(name, os.fspath(data_dir), json.dumps(normalization), download, image_size)
+    in the same process loads its data set once); ``download`` applies to the first call."""
+    key = (name, os.fspath(data_dir), json.dumps(normalization), image_size)
+    if key not in _CACHE:
+        _CACHE.clear()  # one data set at a time
+        _CACHE[key] = get_datasets(name, data_dir, normalization=normalization,
+                                   download=download, image_size=image_size)
+    return _CACHE[key]
 
 
 def hessian_subset(dataset, num_samples, seed, flag="--hessian-batch-size"):
