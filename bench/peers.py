@@ -71,7 +71,7 @@ def available():
     for peer, mod in _IMPORT_NAMES.items():
         try:
             importlib.import_module(mod)
-        except Exception:  # any import failure means "not available"
+        except Exception:  # noqa: BLE001 - any import failure means "not available"
             out[peer] = None
             continue
         try:
@@ -524,8 +524,7 @@ def _smoke():
     import sys
     import warnings
 
-    sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-    from models.resnet import resnet
+    from models.resnet import resnet  # run as `python -m bench.peers` from the repository root
 
     print("peers:", available())
     torch.manual_seed(0)
