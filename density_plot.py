@@ -62,13 +62,9 @@ def get_esd_plot(eigenvalues, weights, path="example.pdf", png_path=None, title=
         ax.set_ylabel("Density (log scale)", fontsize=13)
         ax.set_xlabel("Eigenvalue", fontsize=13)
         ax.set_xlim(grids[0] - 1, grids[-1] + 1)
-        if title:
-            ax.set_title(title, fontsize=11)
+        ax.set_title(title or "", fontsize=11)
         fig.tight_layout()
-        png = png_path or os.path.splitext(path)[0] + ".png"
-        if os.path.abspath(png) == os.path.abspath(path):
-            return [save_figure(fig, path, dpi=150)]
-        return [save_figure(fig, path), save_figure(fig, png, dpi=150)]
+        return _save_pair(fig, path, png_path)
     finally:
         plt.close(fig)
 
@@ -119,6 +115,15 @@ def plot_convergence(results, path="convergence.png"):
         return save_figure(fig, path, dpi=120)
     finally:
         plt.close(fig)
+
+
+def _save_pair(fig, path, png_path=None) -> list[str]:
+    """Write ``fig`` to ``path`` and, unless ``path`` is one, a 150-dpi PNG beside it (or at
+    ``png_path``); return the paths written."""
+    png = png_path or os.path.splitext(path)[0] + ".png"
+    if os.path.abspath(png) == os.path.abspath(path):
+        return [save_figure(fig, path, dpi=150)]
+    return [save_figure(fig, path), save_figure(fig, png, dpi=150)]
 
 
 def save_figure(fig, path, **kw):
@@ -487,10 +492,7 @@ def plot_compare(runs, labels, path, png_path=None, title=None) -> list[str]:
         if title:
             fig.suptitle(title, fontsize=11)
         fig.tight_layout()
-        png = png_path or os.path.splitext(path)[0] + ".png"
-        if os.path.abspath(png) == os.path.abspath(path):
-            return [save_figure(fig, path, dpi=150)]
-        return [save_figure(fig, path), save_figure(fig, png, dpi=150)]
+        return _save_pair(fig, path, png_path)
     finally:
         plt.close(fig)
 

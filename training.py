@@ -33,7 +33,6 @@ import argparse
 import math
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 
@@ -65,6 +64,7 @@ from support.cli import (
 from support.curvature import CurvatureTracker, check_line, curvature_paths, load_curvature
 from support.datasets import DATASETS, get_datasets, hessian_subset
 from support.errors import CheckpointError, UserError
+from support.files import make_writable_folder
 from support.launch import agree, check_cpu_workers, launch, run_main
 from support.models import has_batch_norm, model_from_spec, resolve_model_spec
 
@@ -297,10 +297,7 @@ def check_saving_folder(args, paths) -> list:
     this run continues them (--resume in place) or --overwrite; return those to replace."""
     folder = args.saving_folder
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
+        make_writable_folder(folder)
     except OSError as exc:
         raise CheckpointError(f"cannot create --saving-folder {folder}: {exc.strerror or exc}; "
                               "choose a writable folder") from None

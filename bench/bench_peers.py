@@ -36,22 +36,15 @@ import warnings
 
 import torch
 
-from bench import peers
+from bench import common, peers
 from bench.common import (
-    CE,
-    ROOT,
-    Record,
-    add_problem_arguments,
-    checkpoint_path,
     environment,
     first_line_time,
     generator,
-    load_problem,
     max_rel_error,
     python,
     references,
     rel_error,
-    run_process,
     say,
     sections,
     tail,
@@ -68,7 +61,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    add_problem_arguments(p, samples=1000, mini_batch=200)
+    common.add_problem_arguments(p, samples=1000, mini_batch=200)
     p.add_argument("--skip-peer", action="append", default=[], choices=PEERS,
                    help="leave this peer out (repeatable)")
     p.add_argument("--density-steps", type=int, default=100,
@@ -207,8 +200,8 @@ def run_task(task, problem, args, record, ref, todo_tools):
                     warnings.simplefilter("ignore")
                     # a seed per tool: independent probes (PyHessian and eigenthings draw the
                     # same Rademacher vectors from the same seed)
-                    r = peers.run(tool, task, problem.model_copy(), CE, problem.batches, "cpu",
-                                  i, **opts)
+                    r = peers.run(tool, task, problem.model_copy(), common.CE,
+                                  problem.batches, "cpu", i, **opts)
             r["accuracy"] = accuracy(task, r, ref)
         except Exception as exc:  # noqa: BLE001 - one tool's failure is a result, not a crash
             r = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
@@ -252,7 +245,7 @@ def run_whole(args, problem, record, ref):
     """Whole processes, alternately: our analysis script (default flags) vs a PyHessian script
     doing the same, wall time from start to exit; accuracy against the reference."""
     out = record.data["whole"] = {"runs": []}
-    ckpt = checkpoint_path(args.checkpoint)
+    ckpt = common.checkpoint_path(args.checkpoint)
     tops = [int(s) for s in args.whole_top_n.split(",") if s.strip()]
     use_pyhessian = "pyhessian" not in args.skip_peer and peers.available().get("pyhessian")
     for rep in range(args.whole_repeats):
@@ -263,7 +256,7 @@ def run_whole(args, problem, record, ref):
                     continue
                 with tempfile.TemporaryDirectory(prefix="bench-whole-") as tmp:
                     if tool == "ours":
-                        cmd = [python(), os.path.join(ROOT, "example_pyhessian_analysis.py"),
+                        cmd = [python(), os.path.join(common.ROOT, "example_pyhessian_analysis.py"),
                                "--resume", ckpt, "--no-cuda", "--hessian-batch-size",
                                str(args.samples), "--mini-hessian-batch-size",
                                str(args.mini_batch), "--eigenvalue", "--output-dir", tmp]
@@ -277,7 +270,7 @@ def run_whole(args, problem, record, ref):
                                str(args.mini_batch), "--top-n", str(k), "--dataset",
                                problem.dataset, "--seed", str(args.seed)]
                     say(f"whole: top-{k}, {tool}, run {rep + 1}/{args.whole_repeats} ...")
-                    r = run_process(cmd, timeout=args.subprocess_timeout)
+                    r = common.run_process(cmd, timeout=args.subprocess_timeout)
                     row = _whole_row(tool, k, rep, r, tmp, ref)
                 out["runs"].append(row)
                 say(f"whole: top-{k}, {tool}: {row['wall_s']:.1f} s, exit {row['returncode']}, "
@@ -475,9 +468,9 @@ def main(argv=None):
     sections(args, SECTIONS)  # unknown names fail before anything loads
     if args.threads:
         torch.set_num_threads(args.threads)
-    problem = load_problem(args)
+    problem = common.load_problem(args)
     todo_tools = tools(args)
-    record = Record(args.out, {"benchmark": "bench_peers", "args": vars(args),
+    record = common.Record(args.out, {"benchmark": "bench_peers", "args": vars(args),
                                "environment": environment(), "problem": problem.describe(),
                                "peers": peers.available(), "tools": todo_tools},
                     resume_problem=problem if args.resume else None)

@@ -6,7 +6,16 @@ import tempfile
 
 import torch
 
-__all__ = ["atomic_torch_save", "atomic_write_bytes"]
+__all__ = ["atomic_torch_save", "atomic_write_bytes", "make_writable_folder"]
+
+
+def make_writable_folder(path) -> None:
+    """Create the folder ``path`` if needed and prove it writable (a file made and removed);
+    raise ``OSError`` if either fails."""
+    os.makedirs(path, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+    os.close(fd)
+    os.unlink(probe)
 
 
 def atomic_write_bytes(path, data):

@@ -25,6 +25,7 @@ import tempfile
 
 from pyhessian_dist.results import json_safe
 from support.errors import UserError
+from support.files import make_writable_folder
 
 __all__ = ["OUTPUT_FILES", "OutputError", "RunOutputs", "check_output_dir"]
 
@@ -45,10 +46,7 @@ def check_output_dir(path: str) -> list[str]:
     if os.path.exists(path) and not os.path.isdir(path):
         raise OutputError(f"--output-dir {path} is a file, not a folder; pass a folder")
     try:
-        os.makedirs(path, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
+        make_writable_folder(path)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise OutputError(f"--output-dir {path} is not writable ({reason}); pass a folder "

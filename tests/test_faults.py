@@ -81,60 +81,58 @@ def assert_untouched(folder):
     assert sorted(os.listdir(folder)) == ["example.png", "results.json"]  # no staging left
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130),
-                                       (signal.SIGHUP, 129)])
-def test_cancel_stops_every_worker_and_keeps_earlier_outputs(checkpoint, earlier, sig, code):
-    proc = start(["--resume", checkpoint, "--output-dir", str(earlier), "--device_count", "2",
-                  *COMMON, *SLOW])
+def cancel_run(checkpoint, earlier, sig, device_count=2, before=None):
+    """Start an analysis writing into ``earlier``, wait until it computes, call ``before(workers)``
+    if given, send ``sig`` to the launcher; return its exit code, stderr, the seconds it took to
+    exit, and the workers still alive 10 s later (then killed, so nothing outlives the test)."""
+    proc = start(["--resume", checkpoint, "--output-dir", str(earlier), "--device_count",
+                  str(device_count), *COMMON, *SLOW])
     workers = []
     try:
         workers = wait_for(proc, "[eigenvalue]")
-        assert len(workers) >= 2, "worker processes not found"
+        assert len(workers) >= device_count or device_count == 1, "worker processes not found"
+        if before is not None:
+            before(workers)
         t0 = time.time()
         proc.send_signal(sig)
         _out, err = proc.communicate(timeout=60)
-        assert proc.returncode == code, err
-        assert time.time() - t0 < 15
-        assert f"interrupted by {signal.Signals(sig).name}" in err
-        assert "earlier files are untouched" in err and "Traceback" not in err
+        seconds = time.time() - t0
         deadline = time.time() + 10
         while any(alive(w) for w in workers) and time.time() < deadline:
             time.sleep(0.2)
-        assert not any(alive(w) for w in workers)
-        assert_untouched(earlier)
+        return proc.returncode, err, seconds, [w for w in workers if alive(w)]
     finally:
         kill_all([proc.pid, *workers])
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130),
+                                       (signal.SIGHUP, 129)])
+def test_cancel_stops_every_worker_and_keeps_earlier_outputs(checkpoint, earlier, sig, code):
+    returncode, err, seconds, survivors = cancel_run(checkpoint, earlier, sig)
+    assert returncode == code, err
+    assert seconds < 15
+    assert f"interrupted by {signal.Signals(sig).name}" in err
+    assert "earlier files are untouched" in err and "Traceback" not in err
+    assert not survivors
+    assert_untouched(earlier)
 
 
 def test_sigterm_also_stops_a_stopped_worker(checkpoint, earlier):
-    proc = start(["--resume", checkpoint, "--output-dir", str(earlier), "--device_count", "2",
-                  *COMMON, *SLOW])
-    workers = []
-    try:
-        workers = wait_for(proc, "[eigenvalue]")
-        os.kill(workers[-1], signal.SIGSTOP)  # a worker that can no longer act on SIGTERM
-        proc.send_signal(signal.SIGTERM)
-        _out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 143, err
-        time.sleep(1)
-        assert not any(alive(w) for w in workers)
-        assert_untouched(earlier)
-    finally:
-        kill_all([proc.pid, *workers])
+    def stop_last(workers):  # a worker that can no longer act on SIGTERM
+        os.kill(workers[-1], signal.SIGSTOP)
+
+    returncode, err, _seconds, survivors = cancel_run(checkpoint, earlier, signal.SIGTERM,
+                                                      before=stop_last)
+    assert returncode == 143, err
+    assert not survivors
+    assert_untouched(earlier)
 
 
 def test_single_process_ctrl_c(checkpoint, earlier):
-    proc = start(["--resume", checkpoint, "--output-dir", str(earlier), "--device_count", "1",
-                  *COMMON, *SLOW])
-    try:
-        wait_for(proc, "[eigenvalue]")
-        proc.send_signal(signal.SIGINT)
-        _out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 130 and "interrupted by SIGINT" in err, err
-        assert "Traceback" not in err
-        assert_untouched(earlier)
-    finally:
-        kill_all([proc.pid])
+    returncode, err, _seconds, _ = cancel_run(checkpoint, earlier, signal.SIGINT, device_count=1)
+    assert returncode == 130 and "interrupted by SIGINT" in err, err
+    assert "Traceback" not in err
+    assert_untouched(earlier)
 
 
 @pytest.mark.parametrize("fault, code, message", [
