@@ -98,13 +98,16 @@ class Context:
 
     def progress(self, tag: str, every: int = 1):
         """A callback printing a Step as one line on rank 0, for every ``every``-th product."""
-        last = {"m": 0}
+        last = {"m": 0, "probes": 0}
 
         def show(step: Step) -> None:
+            if step.error_kind == "standard error":  # one Step per probe
+                last["probes"] += 1
             if step.matvecs - last["m"] < every and step.matvecs != step.max_matvecs:
                 return
             last["m"] = step.matvecs
-            print0(f"  [{tag}{' ' + step.label if step.label else ''}] {_progress(step)}")
+            print0(f"  [{tag}{' ' + step.label if step.label else ''}] "
+                   f"{_progress(step, last['probes'])}")
         return show
 
     def timed(self, analysis: Analysis, fn):
@@ -129,14 +132,15 @@ def fmt_values(values, digits: int = 6) -> str:
     return "[" + ", ".join(f"{v:.{digits}g}" for v in values) + "]"
 
 
-def _progress(step: Step) -> str:
+def _progress(step: Step, probes: int = 0) -> str:
     total = f"/{step.max_matvecs}" if step.max_matvecs else ""
     head = f"HVP {step.matvecs:3d}{total}: "
     if step.error_kind == "standard error":
         (mean,), (se,) = step.values, step.errors
         if math.isnan(se):
             return head + f"{mean:.6g} ± n/a (one probe)"
-        return head + f"{mean:.6g} ± {se:.3g} ({100 * se / abs(mean):.1f}% relative)"
+        rel = 100 * se / abs(mean)
+        return head + f"{mean:.6g} ± {se:.3g} ({rel:.1f}% relative, {probes} probes)"
     if step.error_kind:
         worst = max((e for e in step.errors if not math.isnan(e)), default=float("nan"))
         return head + f"{fmt_values(step.values)}  {step.error_kind} {worst:.2e}"

@@ -542,8 +542,8 @@ def _memory_row(n, r):
 
 
 # ============================================================================ report
-def table(rec) -> str:
-    rows = []
+def _rows_products(rec, rows) -> None:
+    """Table rows: gradient vs products, blocks, library overhead."""
     p = rec.get("products")
     if p and "gradient" in p:
         g = p["gradient"]["median_s"]
@@ -567,6 +567,9 @@ def table(rec) -> str:
                          f"{100 * o['overhead_fraction']:+.1f}%",
                          f"{o['operator']['median_s']:.3f} s vs "
                          f"{o['bare_autograd']['median_s']:.3f} s"))
+
+def _rows_threads(rec, rows) -> None:
+    """Table rows: 1 vs 2 threads under each OpenMP wait policy."""
     th = rec.get("threads")
     if th and "omp_wait_policy_default" in th:
         for key in ("omp_wait_policy_default", "omp_wait_policy_passive"):
@@ -579,6 +582,9 @@ def table(rec) -> str:
                              f"{r[c]:.3f} s" for c in cells),
                          f"{th['samples']} samples; load average "
                          f"{th['load_average_before'][0]:.1f}"))
+
+def _rows_variants(rec, rows) -> None:
+    """Table rows: torch.compile and channels_last."""
     c = rec.get("compile")
     if c and "eager" in c:
         d = c.get("default", {})
@@ -596,6 +602,9 @@ def table(rec) -> str:
         rows.append(("channels_last speed-up: gradient / HVP reuse / recompute",
                      " / ".join(f"{cl['speedup'][k]:.2f}x" for k in (
                          "gradient", "double_backward+reuse", "double_backward")), ""))
+
+def _rows_eigen(rec, rows) -> None:
+    """Table rows: top-1 / top-5, Lanczos vs power iteration."""
     e = rec.get("eigen")
     if e and "top1" in e:
         for k in ("lanczos", "power"):
@@ -608,6 +617,9 @@ def table(rec) -> str:
             if r:
                 rows.append((f"top-5, {k}", f"{r['matvecs']} HVPs, {r['seconds']:.1f} s",
                              f"max rel. error {r['max_rel_error']:.1e}"))
+
+def _rows_trace(rec, rows) -> None:
+    """Table rows: the trace estimators against the reference, and the issue-10 targets."""
     t = rec.get("trace")
     if t and "reference" in t:
         ref = t["reference"]
@@ -629,6 +641,9 @@ def table(rec) -> str:
                          f"SE of the reference: own SE "
                          f"{'yes' if g['deflated_within_2_own_se'] else 'NO'}, combined "
                          f"{'yes' if g['deflated_within_2_combined_se'] else 'NO'}"))
+
+def _rows_rest(rec, rows) -> None:
+    """Table rows: SLQ, scaling, peak memory."""
     s = rec.get("slq")
     if s and "seconds" in s:
         rows.append(("SLQ density", f"{s['matvecs']} HVPs, {s['seconds']:.1f} s",
@@ -645,6 +660,13 @@ def table(rec) -> str:
             kind = "script" if r in m["script"] else "library"
             rows.append((f"peak RSS, {kind}, {r['samples']} samples",
                          f"{r['peak_rss_mib']:.0f} MiB", (r["resident_line"] or "")[5:]))
+
+def table(rec) -> str:
+    """The record as an aligned text table (one row per measurement)."""
+    rows = []
+    for add in (_rows_products, _rows_threads, _rows_variants, _rows_eigen, _rows_trace,
+                _rows_rest):
+        add(rec, rows)
     if not rows:
         return "(no sections finished)"
     w = max(len(r[0]) for r in rows)
