@@ -143,7 +143,9 @@ def _progress(step: Step, probes: int = 0) -> str:
         return head + f"{mean:.6g} ± {se:.3g} ({rel:.1f}% relative, {probes} probes)"
     if step.error_kind:
         worst = max((e for e in step.errors if not math.isnan(e)), default=float("nan"))
-        return head + f"{fmt_values(step.values)}  {step.error_kind} {worst:.2e}"
+        values = fmt_values(step.values) if len(step.values) <= 6 else (
+            f"{len(step.values)} values in [{min(step.values):.4g}, {max(step.values):.4g}]")
+        return head + f"{values}  {step.error_kind} {worst:.2e}"
     if step.label == "deflation":
         return head + f"Krylov space of dimension {step.matvecs}, exact part {step.values[0]:.6g}"
     if step.label.startswith("run"):

@@ -176,13 +176,13 @@ class CurvatureTracker:
 def check_line(r: dict) -> str:
     """One line per check: lambda_1 against 2/lr, the trace, the cost."""
     line = (f"curvature after epoch {r['epoch']} (step {r['step']}): lambda_1 "
-            f"{r['lambda_1']:.4g} (+-{r['lambda_1_error_bound']:.2g}), 2/lr "
+            f"{r['lambda_1']:.4g} (error bound {r['lambda_1_error_bound']:.2g}), 2/lr "
             f"{r['two_over_lr']:.4g}")
     if "trace" in r:
         se = r["trace_stderr"]
-        line += f", trace {r['trace']:.4g} +- {se:.2g}" if math.isfinite(se) else \
+        line += f", trace {r['trace']:.4g} ± {se:.2g} (1 s.e.)" if math.isfinite(se) else \
             f", trace {r['trace']:.4g}"
-    return line + f"; {r['products']} products, {r['seconds']:.1f} s"
+    return line + f"; {r['products']} Hessian-vector products, {r['seconds']:.1f} s"
 
 
 def plot_curvature(checks: list, epochs: list, momentum: float = 0.0) -> bytes:

@@ -125,7 +125,8 @@ def test_files_are_strict_json_and_a_png(tmp_path):
         load_curvature(str(tmp_path / "bad.json"), 3)
     line = check_line(r)
     assert line.startswith("curvature after epoch 2 (step 20): lambda_1 ") and "2/lr 40" in line
-    assert line.endswith(f"{r['products']} products, {r['seconds']:.1f} s")
+    assert line.endswith(f"{r['products']} Hessian-vector products, {r['seconds']:.1f} s")
+    assert f"(error bound {r['lambda_1_error_bound']:.2g})" in line and "(1 s.e.)" in line
 
 
 def test_plot_accepts_reloaded_records_with_nulls():
