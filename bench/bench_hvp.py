@@ -433,12 +433,20 @@ def bench_trace(args, problem, record):
         need = min(cap, 2 * s + math.ceil(len(res.samples) * (rse / R) ** 2))
         run("hutchpp_predicted", lambda op: hutchpp_trace(op, need, generator=generator(25)))
         out["hutchpp_predicted"]["capped_by_trace_max"] = need == cap
+    out["targets"] = _trace_targets(out, ref, R)
+    say(f"trace targets: {out['targets']}")
+    return out
+
+
+def _trace_targets(out, ref, R) -> dict:
+    """The issue-10 trace targets: deflated products vs plain Hutchinson's, and distance from
+    the reference."""
     plain, deflated = out["hutchinson"], out["deflated"]
     predicted = math.ceil((ref["per_probe_sd"] / (R * abs(ref["trace"]))) ** 2)
     # plain Hutchinson's cost: its own run when it reached the target, else (capped by
     # --trace-max) the probes the reference's per-probe spread predicts
     plain_cost = plain["matvecs"] if plain["converged"] else max(plain["matvecs"], predicted)
-    out["targets"] = {
+    return {
         "plain_cost_used": plain_cost,
         "plain_cost_from": "its run" if plain["converged"] else "prediction (run capped)",
         "deflated_over_plain_products": deflated["matvecs"] / plain_cost,
@@ -450,8 +458,6 @@ def bench_trace(args, problem, record):
         "per_probe_sd_plain": ref["per_probe_sd"],
         "per_probe_sd_deflated": deflated["stderr"] * math.sqrt(deflated["probes"]),
     }
-    say(f"trace targets: {out['targets']}")
-    return out
 
 
 # ============================================================================ slq

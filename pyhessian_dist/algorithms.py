@@ -387,6 +387,11 @@ class KrylovDeflation:
         """diag(A Q^T Q): this subspace's exact share of diag(A)."""
         return (self.Q * self.AQ).sum(dim=0)
 
+    def summary(self, chosen: str) -> dict:
+        """What a TraceResult reports of the deflation (``chosen``: "auto" or "fixed")."""
+        return {"dimension": int(self.Q.shape[0]), "exact_part": self.exact_trace,
+                "num_matvecs": self.num_matvecs, "chosen": chosen}
+
     def project(self, Z: torch.Tensor, AZ: torch.Tensor):
         """(P z, A P z) for rows z of Z, given A z (no operator products needed)."""
         C = Z @ self.Q.T
@@ -457,10 +462,7 @@ def hutchinson_trace(op: LinearOperator, *, max_iter: int = 100, tol: float | No
     estimates ``tr`` of A's diagonal block of g. ``diagonal=True`` also returns the mean of
     ``c`` (Hutchinson's diagonal estimator, Bekas et al. 2007) with elementwise standard errors.
     """
-    if max_iter < 1:
-        raise ValueError("max_iter must be at least 1")
-    if rse is None and tol is None:
-        raise ValueError("give a stopping rule: rse (relative standard error) or tol")
+    _check_trace_arguments(max_iter, rse, tol)
     generator = _generator(generator)
     history: list = []
     deflation, pilot, used = _deflation_for(op, deflate, rse, max_iter, min_probes,
@@ -484,17 +486,21 @@ def hutchinson_trace(op: LinearOperator, *, max_iter: int = 100, tol: float | No
             if rule is not None:
                 break
             prev = tally.mean
-    info = None
-    if deflation is not None:
-        info = {"dimension": int(deflation.Q.shape[0]), "exact_part": deflation.exact_trace,
-                "num_matvecs": deflation.num_matvecs,
-                "chosen": "auto" if deflate == "auto" else "fixed"}
+    info = None if deflation is None else deflation.summary("auto" if deflate == "auto"
+                                                             else "fixed")
     return TraceResult(
         trace=tally.mean, stderr=tally.stderr, samples=tally.samples, num_matvecs=used,
         converged=rule is not None, method="hutchinson" if deflation is None
         else "deflated hutchinson", stopping_rule=rule or "budget", history=history,
         deflation=info, group_samples=tally.group_samples(),
         diagonal=tally.diagonal_result(used) if diagonal else None)
+
+
+def _check_trace_arguments(max_iter, rse, tol) -> None:
+    if max_iter < 1:
+        raise ValueError("max_iter must be at least 1")
+    if rse is None and tol is None:
+        raise ValueError("give a stopping rule: rse (relative standard error) or tol")
 
 
 def _deflation_for(op, deflate, rse, max_iter, min_probes, max_steps, generator, history,
