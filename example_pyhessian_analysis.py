@@ -2,12 +2,15 @@
 
     python example_pyhessian_analysis.py --resume CKPT --device_count N \
         --eigenvalue --trace --density
+    python example_pyhessian_analysis.py --problem my_problem.py [--resume CKPT] --eigenvalue
 
 Read top to bottom: parse -> validate once (one `error:` line and exit 2 for anything the user
 can fix, before any worker starts) -> launch (N == 1: this process; N > 1: spawned workers;
-under torchrun: this process is one rank of a multi-node job) -> on every rank: load the model
-and this rank's shard, build the Hessian operator, run the requested analyses (analyses/) ->
-rank 0 prints and writes results.json and the figures into --output-dir as one set.
+under torchrun: this process is one rank of a multi-node job) -> on every rank: build the
+problem's model and this rank's shard of its data, build the Hessian operator, run the
+requested analyses (analyses/) -> rank 0 prints and writes results.json and the figures into
+--output-dir as one set. What is analysed is a problem (problems/): the built-in image
+classifier of a checkpoint, or your own model, data and loss in one file (--problem).
 """
 from __future__ import annotations
 
@@ -23,18 +26,19 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 import pyhessian_dist
 import utils
 from analyses import REGISTRY, Context, selected
+from problems import BUILTIN_FLAGS, analysis_problem, build_model, check_problem
 from pyhessian_dist import HessianOperator
 from pyhessian_dist.distributed import launched_by_torchrun, print0
 
 
 # ---------------------------------------------------------------------------- command line
 def parse_args(argv=None):
-    p = utils.ArgumentParser(description="Hessian analysis of a trained ResNet (or your model).",
+    p = utils.ArgumentParser(description="Hessian analysis of a trained ResNet, or of your own "
+                             "model, data and loss (--problem).",
                              formatter_class=utils.HelpFormatter)
     # the original's flags (the boolean ones mean what they say; see the README)
     p.add_argument("--mini-hessian-batch-size", type=utils.positive_int, default=200,
@@ -46,7 +50,9 @@ def parse_args(argv=None):
     utils.add_bool_flag(p, "residual", None, "model has residual connections (default: the "
                         "checkpoint's)")
     utils.add_bool_flag(p, "cuda", True, "use GPUs (falls back to CPU with a warning)")
-    p.add_argument("--resume", required=True, help="checkpoint to analyse (ours or the original's)")
+    p.add_argument("--resume", default=None,
+                   help="checkpoint to analyse: ours, the original's, or (with --problem) a "
+                        "plain state_dict of your model")
     p.add_argument("--ip", default="127.0.0.1", help="address of rank 0 for the spawned workers")
     p.add_argument("--device_count", type=utils.positive_int, default=None,
                    help="processes: GPUs with --cuda (default: all visible), else CPU workers "
@@ -72,6 +78,11 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, metavar="MODULE:CALLABLE",
                    help="your model: a callable returning an nn.Module, e.g. "
                         "torchvision.models:resnet18 (default: the checkpoint's model)")
+    p.add_argument("--problem", default=None, metavar="FILE.py",
+                   help="your own problem: a file defining model() and dataset(split), and "
+                        "optionally forward(model, batch) and loss(outputs, batch); without "
+                        "--resume the model is analysed as model() builds it (default: the "
+                        "checkpoint's problem)")
     p.add_argument("--output-dir", default=".", help="where results.json and the figures go")
     p.add_argument("--reuse-graph", choices=("auto", "on", "off"), default="auto",
                    help="keep first-order graphs across products (auto: as many as fit)")
@@ -93,23 +104,21 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------- validate once
 @dataclass
 class Plan:
-    meta: dict           # the checkpoint's architecture, data set, normalisation, ...
+    problem: object      # problems.Problem: the model, its data, forward and loss
+    meta: dict           # the checkpoint's record (epoch, accuracy, path, ...), if any
     nprocs: int
     cuda: bool
 
 
-def bundle_for(args, meta, download=False):
-    """The data set of the run: --dataset, else the checkpoint's (cached in this process)."""
-    return utils.cached_datasets(args.dataset or meta.get("dataset") or "cifar10",
-                                 args.data_dir, meta.get("normalization"), download,
-                                 args.image_size or meta.get("image_size") or 32)
+def given_flags(args) -> list[str]:
+    """The built-in problem's flags given on the command line (their defaults are None)."""
+    return [dest for dest in BUILTIN_FLAGS if getattr(args, dest, None) is not None]
 
 
-def load_model(args, device="cpu"):
-    # Your own model: --model module:callable, or construct it here (README, "Your own model").
-    return utils.load_checkpoint(args.resume, batch_norm=args.batch_norm,
-                                 residual=args.residual, map_location=device,
-                                 model_spec=args.model)
+def load_problem(args, download=False):
+    """(problem, model with the checkpoint's weights on the CPU, meta, notes)."""
+    problem, state_dict, meta, notes = analysis_problem(args, given_flags(args), download)
+    return problem, build_model(problem, state_dict, args.resume), meta, notes
 
 
 def validate(args) -> Plan:
@@ -117,20 +126,20 @@ def validate(args) -> Plan:
     for analysis in selected(args):
         analysis.check(args)
     earlier = utils.check_output_dir(args.output_dir)
-    model, meta = load_model(args)
+    rank0 = not launched_by_torchrun() or os.environ.get("RANK") == "0"
+    problem, model, meta, notes = load_problem(args, download=rank0)
+    for line in notes:
+        print(line, file=sys.stderr)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     for flag, k in (("--top-n", args.top_n if args.eigenvalue else 0),
                     ("--bottom-n", args.bottom_n)):
         if k > trainable:
             raise utils.UserError(f"{flag} {k} exceeds the model's {trainable:,} trainable "
                                   f"parameters; pass {flag} {trainable} or less")
-    if not launched_by_torchrun() or os.environ.get("RANK") == "0":
-        bundle = bundle_for(args, meta, download=True)
-        utils.hessian_subset(bundle.train_eval, args.hessian_batch_size, args.seed)
-        if bundle.num_classes != meta["arch"]["num_classes"]:
-            raise utils.DataError(f"the checkpoint has {meta['arch']['num_classes']} classes "
-                                  f"but data set {bundle.name} has {bundle.num_classes}; pass "
-                                  "the matching --dataset")
+    if rank0:  # the data, and the loss of a first mini-batch at these weights
+        indices = utils.hessian_subset(problem.dataset("train"), args.hessian_batch_size,
+                                       args.seed)
+        check_problem(problem, model, first_batch=indices[:args.mini_hessian_batch_size])
     gpus = torch.cuda.device_count() if args.cuda else 0
     if args.cuda and gpus == 0:
         print("warning: --cuda requested but no GPU is available; running on CPU",
@@ -146,18 +155,39 @@ def validate(args) -> Plan:
     if earlier:
         print0(f"output: {args.output_dir} (at the end this run's files replace the earlier "
                f"run's {', '.join(earlier)})")
-    return Plan(meta=meta, nprocs=n, cuda=bool(gpus))
+    return Plan(problem=problem, meta=meta, nprocs=n, cuda=bool(gpus))
 
 
 # ---------------------------------------------------------------------------- every rank
-def load_shard(args, meta, worker):
-    """This rank's mini-batches, kept on the host (the operator moves them as memory allows)."""
-    bundle = bundle_for(args, meta)
-    indices = utils.hessian_subset(bundle.train_eval, args.hessian_batch_size, args.seed)
-    batches, num_batches = utils.shard_batches(bundle.train_eval, indices,
-                                               args.mini_hessian_batch_size, worker.rank,
-                                               worker.world_size)
-    return bundle, batches, num_batches
+def load_model(args, plan, worker):
+    """The problem's model with the checkpoint's weights, on this rank's device; rank 0's
+    weights on every rank (a model() that initialises at random without a seed of its own
+    still gives one model)."""
+    state_dict = utils.read_checkpoint(args.resume, args.model)[0] if args.resume else None
+    model = build_model(plan.problem, state_dict, args.resume).to(worker.device)
+    utils.broadcast_module(worker, model)
+    return model
+
+
+def load_shard(args, problem, worker):
+    """This rank's mini-batches of the Hessian samples, kept on the host (the operator moves
+    them as memory allows), and the number of mini-batches in all."""
+    train = problem.dataset("train")
+    indices = utils.hessian_subset(train, args.hessian_batch_size, args.seed)
+    utils.check_same_data(worker, train, indices, problem.label)
+    return utils.shard_batches(train, indices, args.mini_hessian_batch_size, worker.rank,
+                               worker.world_size, problem.collate)
+
+
+def build_operator(args, problem, model, batches, worker):
+    try:
+        return HessianOperator(
+            model, batches=batches, forward=problem.forward, loss=problem.loss,
+            device=worker.device,
+            reuse_graph={"auto": "auto", "on": True, "off": False}[args.reuse_graph],
+            local_processes=worker.local_world_size, hvp_mode=args.hvp_mode)
+    except FloatingPointError as exc:  # the same on every rank: the loss is all-reduced
+        raise utils.DataError(f"{exc} ({problem.label})") from None
 
 
 def worker(ctx, args, plan):
@@ -165,38 +195,40 @@ def worker(ctx, args, plan):
     t_start = time.perf_counter()
     torch.backends.cuda.matmul.allow_tf32 = args.tf32  # products stay float32 unless asked
     torch.backends.cudnn.allow_tf32 = args.tf32
+    problem = plan.problem
     print0(f"loading the model and {args.hessian_batch_size} samples "
            f"({args.mini_hessian_batch_size} per mini-batch) on {ctx.world_size} rank(s)...")
-    model, meta = load_model(args, ctx.device)
-    # To use your own data set, return your (x, y) mini-batches from load_shard.
-    bundle, batches, num_batches = utils.agree(ctx, lambda: load_shard(args, meta, ctx))
+    model = utils.agree(ctx, lambda: load_model(args, plan, ctx))
+    batches, num_batches = utils.agree(ctx, lambda: load_shard(args, problem, ctx))
     if num_batches < ctx.world_size:
         print0(f"warning: {num_batches} mini-batches for {ctx.world_size} ranks: "
                f"{ctx.world_size - num_batches} ranks hold no data; lower "
                "--mini-hessian-batch-size to use them")
     print0("building the Hessian operator (one forward/backward pass over the samples)...")
-    op = HessianOperator(model, nn.CrossEntropyLoss(), batches, device=ctx.device,
-                         reuse_graph={"auto": "auto", "on": True, "off": False}[args.reuse_graph],
-                         local_processes=ctx.local_world_size, hvp_mode=args.hvp_mode)
-    data = {"dataset": bundle.name, "split": "train (un-augmented)",
+    op = utils.agree(ctx, lambda: build_operator(args, problem, model, batches, ctx))
+    data = {"dataset": problem.data_name, "split": problem.hessian_split,
             "num_samples": op.num_samples, "num_mini_batches": num_batches,
             "mini_batch_size": args.mini_hessian_batch_size,
             "samples_per_rank": utils.gather_objects(ctx, op.local_num_samples),
-            "normalization": bundle.normalization, "seed": args.seed}
+            "normalization": problem.record().get("normalization"), "seed": args.seed,
+            "loss": problem.loss_description}
     for line in utils.describe_setup(op, data, ctx, time.perf_counter() - t_start):
         print0(line)
 
     analyses = selected(args)
-    actx = Context(args=args, op=op, model=model, worker=ctx)
+    actx = Context(args=args, op=op, model=model, worker=ctx, problem=problem)
     for analysis in analyses:
         actx.results[analysis.name] = actx.timed(analysis, lambda a=analysis: a.run(actx))
         for line in analysis.summary(actx.results[analysis.name], actx):
             print0(line)
 
     if ctx.rank == 0:
-        model_info = {"arch": meta["arch"], "num_parameters": utils.count_parameters(model),
-                      "num_trainable": op.dim, "checkpoint": {k: meta.get(k) for k in (
-                          "path", "source", "dataset", "epoch", "test_accuracy")}}
+        meta = plan.meta
+        model_info = {"description": problem.describe(), "problem": problem.record(),
+                      "arch": meta.get("arch"),
+                      "num_parameters": utils.count_parameters(model), "num_trainable": op.dim,
+                      "checkpoint": {k: meta.get(k) for k in (
+                          "path", "source", "epoch", "test_accuracy")}}
         record = utils.run_record(args, ctx, op, model_info, data, analyses, actx, t_start)
         written, removed, warnings = utils.write_outputs(args, record, analyses, actx)
         ctx.committed()
@@ -209,8 +241,8 @@ def worker(ctx, args, plan):
 # ---------------------------------------------------------------------------- main
 def analyse(args):
     plan = validate(args)
-    print0(f"pyhessian-dist {pyhessian_dist.__version__} | {utils.describe_model(plan.meta)} | "
-           f"{args.resume}")
+    print0(f"pyhessian-dist {pyhessian_dist.__version__} | {plan.problem.describe()} | "
+           f"{args.resume or 'as model() builds it'}")
     utils.launch(worker, (args, plan), nprocs=plan.nprocs, cuda=plan.cuda,
                  backend=args.backend, ip=args.ip, port=args.port)
 

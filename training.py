@@ -1,6 +1,7 @@
-"""Train a CIFAR ResNet (or your own model) with SGD and save self-describing checkpoints.
+"""Train a CIFAR ResNet (or your own problem) with SGD and save self-describing checkpoints.
 
     python training.py --dataset synthetic --epochs 3 --no-cuda
+    python training.py --problem my_problem.py --epochs 20           # your model, data, loss
     python training.py --device_count 4                              # 4 DDP workers
     torchrun --nproc_per_node 4 training.py --dataset cifar10        # the same under torchrun
     python training.py --resume checkpoints/net.pkl --epochs 200     # continue a run
@@ -8,8 +9,10 @@
 
 Read top to bottom: parse -> validate once (every user error is one `error:` line and exit 2,
 before training starts) -> launch (support.launch: this process, --device_count N spawned DDP
-workers, or one rank of a torchrun job) -> on every rank: data, model, optimiser (restored with
---resume), then per epoch: train, evaluate, optionally measure the curvature, rank 0 saves.
+workers, or one rank of a torchrun job) -> on every rank: the problem's data and model, the
+optimiser and its learning-rate schedule (restored with --resume), then per epoch: train,
+evaluate, rank 0 saves, optionally measure the curvature. What is trained is a problem
+(problems/): the built-in image classifier of the flags, or your own file (--problem).
 
 The recipe is the original PyHessian's (SGD momentum 0.9, lr 0.1, x0.1 after epochs 80 and 120,
 weight decay 5e-4, batch 128). Without BatchNorm it adds a linear learning-rate warm-up and
@@ -30,23 +33,23 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import bisect
 import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models import resnet
+from problems import ImageProblem, check_problem, file_problem_of_record, training_problem
+from pyhessian_dist import batch_size, move_batch
 from pyhessian_dist.distributed import all_reduce_, launched_by_torchrun, print0
 from support.checkpoints import (
     capture_rng_state,
     count_parameters,
-    custom_arch,
     read_training_state,
     restore_rng_state,
     save_checkpoint,
@@ -62,11 +65,11 @@ from support.cli import (
     resnet_depth,
 )
 from support.curvature import CurvatureTracker, check_line, curvature_paths, load_curvature
-from support.datasets import DATASETS, get_datasets, hessian_subset
+from support.datasets import DATASETS, hessian_subset
 from support.errors import CheckpointError, UserError
 from support.files import make_writable_folder
 from support.launch import agree, check_cpu_workers, launch, run_main
-from support.models import has_batch_norm, model_from_spec, resolve_model_spec
+from support.models import has_batch_norm, resolve_model_spec
 
 MOMENTUM = 0.9
 # Without BatchNorm (measured on ResNet20, see the README): warm up over 2 epochs, clip at 1.
@@ -75,7 +78,7 @@ NO_BN_CLIP_GRAD_NORM = 1.0
 # --resume keeps these as the checkpoint's run had them (given ones must agree)...
 RECIPE_FLAGS = ("batch_size", "lr", "lr_decay", "lr_decay_epoch", "seed", "weight_decay",
                 "batch_norm", "residual", "depth", "dataset", "model", "image_size",
-                "warmup_epochs", "clip_grad_norm")
+                "warmup_epochs", "clip_grad_norm", "problem")
 # ...and takes every other flag not given from it too, except these (this machine, this call).
 LOCAL_FLAGS = ("cuda", "device_count", "ip", "port", "backend", "num_workers", "resume",
                "overwrite", "saving_folder", "checkpoint_name", "given")
@@ -83,8 +86,9 @@ LOCAL_FLAGS = ("cuda", "device_count", "ip", "port", "backend", "num_workers", "
 
 # ---------------------------------------------------------------------------- command line
 def build_parser():
-    p = ArgumentParser(description="Train a CIFAR ResNet (depth 6n+2) or your own model with "
-                       "SGD and save checkpoints for example_pyhessian_analysis.py.",
+    p = ArgumentParser(description="Train a CIFAR ResNet (depth 6n+2), your own model or your "
+                       "own problem with SGD and save checkpoints for "
+                       "example_pyhessian_analysis.py.",
                        formatter_class=HelpFormatter)
     # the original's flags and defaults
     p.add_argument("--batch-size", type=positive_int, default=128,
@@ -121,6 +125,11 @@ def _add_our_flags(p):
     p.add_argument("--model", default=None, metavar="MODULE:CALLABLE",
                    help="your own model instead of the ResNet, e.g. torchvision.models:resnet18"
                         " (called with num_classes=<classes> when it accepts it)")
+    p.add_argument("--problem", default=None, metavar="FILE.py",
+                   help="your own problem instead of the built-in image classifier: a file "
+                        "defining model() and dataset(split), optionally forward(model, "
+                        "batch), loss(outputs, batch), accuracy(outputs, batch), "
+                        "train_dataset() and recipe() (README, 'Your own problem')")
     p.add_argument("--dataset", choices=DATASETS, default="cifar10",
                    help="data set: cifar10/cifar100 (torchvision, in --data-dir), imagefolder "
                         "(--data-dir/train/<class>/*, --data-dir/test/<class>/*), synthetic "
@@ -180,6 +189,8 @@ def parse_args(argv=None):
                      f"{args.checkpoint_name!r}")
     if not 0 <= args.port <= 65535:
         parser.error(f"argument --port: must be between 0 and 65535, got {args.port}")
+    if args.problem:  # recorded (and compared on --resume) as an absolute path
+        args.problem = os.path.abspath(args.problem)
     return args
 
 
@@ -189,41 +200,51 @@ class Plan:
     nprocs: int
     cuda: bool
     paths: dict                      # last, best, curvature_json, curvature_png
+    problem: object = None           # problems.Problem: what is trained
     replace: list = field(default_factory=list)   # an earlier run's files (--overwrite)
     previous_curvature: str | None = None         # curvature file a resumed run continues
-    bundle: object = None            # the data set when validated in this process
 
 
 def validate(args) -> Plan:
     """Everything checkable before training; raises UserError (one line, exit 2)."""
-    if args.resume:
-        resume_defaults(args)
+    notes = resume_defaults(args) if args.resume else []
     check_combinations(args)
     last = os.path.join(args.saving_folder, args.checkpoint_name)
     stem, ext = os.path.splitext(last)
     paths = dict(zip(("last", "best", "curvature_json", "curvature_png"),
                      (last, f"{stem}.best{ext}",
                       *curvature_paths(args.saving_folder, args.checkpoint_name))))
-    plan = Plan(*processes(args), paths=paths)
+    rank0 = not launched_by_torchrun() or os.environ.get("RANK") == "0"
+    plan = Plan(*processes(args), paths=paths,
+                problem=training_problem(args, args.given, download=rank0))
+    for line in notes:
+        print(line, file=sys.stderr)
+    if not args.resume:
+        apply_recipe(args, plan.problem.recipe())
     if args.resume:
         plan.previous_curvature = curvature_paths(os.path.dirname(args.resume) or ".",
                                                   os.path.basename(args.resume))[0]
-    if launched_by_torchrun() and os.environ.get("RANK") != "0":
+    if not rank0:
         return plan  # rank 0 checks the data and the folder (and may download)
-    plan.bundle = load_bundle(args, download=True)
+    model = make_model(plan.problem)
+    check_problem(plan.problem, model, splits=("train", "test"))
     if args.hessian_every:
-        hessian_subset(plan.bundle.train_eval, args.hessian_samples, args.seed,
+        hessian_subset(plan.problem.dataset("train"), args.hessian_samples, args.seed,
                        flag="--hessian-samples")
-    make_model(args, plan.bundle.num_classes)   # the model can be built (--model)
     plan.replace = check_saving_folder(args, paths)
     return plan
 
 
-def resume_defaults(args):
+def resume_defaults(args) -> list[str]:
     """--resume: flags not given take the checkpoint run's values; recipe flags given must
-    agree; --epochs must go past the checkpoint's epoch."""
+    agree; --epochs must go past the checkpoint's epoch. Returns notes to print (a problem
+    file that changed since)."""
     _weights, state, meta = read_training_state(args.resume)
     recorded = meta.get("args") or {}
+    notes = []
+    if meta["problem"].get("kind") == "file":
+        recorded = {**recorded, "problem": meta["problem"]["path"]}
+        file_problem_of_record(meta["problem"], args.resume, notes)
     for key, value in recorded.items():
         if not hasattr(args, key) or key in LOCAL_FLAGS:
             continue
@@ -242,6 +263,19 @@ def resume_defaults(args):
     if args.epochs <= state["epoch"]:
         raise UserError(f"--resume {args.resume} already holds epoch {state['epoch']}; pass "
                         f"--epochs N with N > {state['epoch']} to train further")
+    return notes
+
+
+def apply_recipe(args, recipe):
+    """A problem's ``recipe()`` defaults for the training flags not given."""
+    for key, value in recipe.items():
+        dest = key.lstrip("-").replace("-", "_")
+        if dest not in vars(args) or dest in LOCAL_FLAGS:
+            raise UserError(f"{args.problem}: recipe() sets {key!r}, which is not a training "
+                            "flag it may set (e.g. lr, weight_decay, epochs, batch_size, "
+                            "lr_decay_epoch, warmup_epochs, clip_grad_norm)")
+        if dest not in args.given:
+            setattr(args, dest, value)
 
 
 def _show(value):
@@ -315,36 +349,41 @@ def check_saving_folder(args, paths) -> list:
 
 
 # ---------------------------------------------------------------------------- data and model
-def load_bundle(args, download):
-    return get_datasets(args.dataset, args.data_dir, download=download,
-                        image_size=args.image_size)
+def make_model(problem):
+    """The problem's model (initialised from --seed: the global RNG is seeded first)."""
+    model = problem.model()
+    if not isinstance(model, nn.Module):
+        from problems import ProblemError
+
+        raise ProblemError(f"{problem.label}: model() returned a {type(model).__name__}, not "
+                           "a torch.nn.Module")
+    return model
 
 
-def make_model(args, num_classes):
-    # To train your own model without --model, build it here.
-    if args.model:
-        return model_from_spec(args.model, num_classes)
-    return resnet(depth=args.depth, num_classes=num_classes, batch_norm=args.batch_norm,
-                  residual=args.residual)
-
-
-def resolve_recipe(args, model):
-    """The recipe's defaults follow the model: the original's with BatchNorm; a linear warm-up
-    and gradient clipping without (flags given, or a resumed run's values, win)."""
-    bn = has_batch_norm(model)
+def resolve_recipe(args, model, problem):
+    """The built-in image problem's recipe follows the model: the original's with BatchNorm; a
+    linear warm-up and gradient clipping without (measured on ResNet20, see the README). A
+    problem file gets neither unless its recipe() or the flags ask (flags given, or a resumed
+    run's values, win)."""
+    bn = has_batch_norm(model) or not isinstance(problem, ImageProblem)
     if args.warmup_epochs is None:
         args.warmup_epochs = 0.0 if bn else NO_BN_WARMUP_EPOCHS
     if args.clip_grad_norm is None:
         args.clip_grad_norm = 0.0 if bn else NO_BN_CLIP_GRAD_NORM
 
 
-def learning_rate(args, epoch, step, steps_per_epoch):
-    """lr at ``step`` (0-based) of ``epoch`` (1-based): the original's MultiStepLR (x lr_decay
-    after each epoch in lr_decay_epoch) times a linear warm-up over warmup_epochs epochs."""
-    lr = args.lr * args.lr_decay ** sum(m < epoch for m in args.lr_decay_epoch)
+def lr_factor(args, steps_per_epoch):
+    """The learning-rate factor at global step k (0-based), for torch's LambdaLR: the original's
+    MultiStepLR (x lr_decay after each epoch in lr_decay_epoch) times a linear warm-up over
+    warmup_epochs epochs, per step."""
     warm = args.warmup_epochs * steps_per_epoch
-    done = (epoch - 1) * steps_per_epoch + step + 1
-    return lr * min(1.0, done / warm) if warm > 0 else lr
+    milestones = sorted(m * steps_per_epoch for m in args.lr_decay_epoch)
+
+    def factor(k):
+        decay = args.lr_decay ** bisect.bisect_right(milestones, k)
+        return decay * min(1.0, (k + 1) / warm) if warm > 0 else decay
+
+    return factor
 
 
 def seed_everything(seed):
@@ -357,38 +396,40 @@ def seed_everything(seed):
 class Run:
     """What one rank trains with."""
 
+    problem: object                  # problems.Problem: forward, loss, accuracy, data
     model: nn.Module                 # the DDP wrapper under several processes
     plain: nn.Module
     optimizer: torch.optim.Optimizer
+    schedule: object                 # torch.optim.lr_scheduler.LambdaLR, stepped per step
     train_loader: object
     test_loader: object
     sampler: object                  # DistributedSampler, or None
     generator: object                # the loader's shuffling generator (one process)
-    bundle: object
-    arch: dict | None
     epoch: int = 0
     global_step: int = 0
-    best: tuple = (-1.0, 0)          # (test accuracy, epoch)
+    best: tuple = (-math.inf, 0)     # (score, epoch): test accuracy, or -test loss without one
+    best_by: str = "accuracy"
     tracker: object = None
 
 
-def make_loaders(args, bundle, ctx):
+def make_loaders(args, problem, ctx):
     """Training loader (DistributedSampler under DDP) and the test loader (split
     rank::world_size without padding, so the all-reduced sums are exact)."""
-    kw = dict(num_workers=args.num_workers, pin_memory=ctx.device.type == "cuda")
+    kw = dict(num_workers=args.num_workers, pin_memory=ctx.device.type == "cuda",
+              collate_fn=problem.collate)
     per_rank = args.batch_size // ctx.world_size
+    train_set, test_set = problem.train_dataset(), problem.dataset("test")
     sampler = generator = None
     if ctx.world_size > 1:
         sampler = torch.utils.data.distributed.DistributedSampler(
-            bundle.train, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+            train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
             seed=args.seed)
-        test_set = torch.utils.data.Subset(bundle.test, range(ctx.rank, len(bundle.test),
-                                                              ctx.world_size))
+        test_set = torch.utils.data.Subset(test_set, range(ctx.rank, len(test_set),
+                                                           ctx.world_size))
     else:
         generator = torch.Generator().manual_seed(args.seed)
-        test_set = bundle.test
     # Fresh training workers each epoch: their seeds come from the (restorable) generator.
-    train = torch.utils.data.DataLoader(bundle.train, batch_size=per_rank, sampler=sampler,
+    train = torch.utils.data.DataLoader(train_set, batch_size=per_rank, sampler=sampler,
                                         shuffle=sampler is None, generator=generator, **kw)
     test = torch.utils.data.DataLoader(test_set, batch_size=args.test_batch_size,
                                        persistent_workers=args.num_workers > 0, **kw)
@@ -399,18 +440,18 @@ def make_loaders(args, bundle, ctx):
 def train_worker(ctx, args, plan):
     """One rank: set up (or restore), then train epoch by epoch; rank 0 saves."""
     seed_everything(args.seed)
-    bundle = agree(ctx, lambda: plan.bundle or load_bundle(args, download=False))
-    plain = make_model(args, bundle.num_classes).to(ctx.device)
-    resolve_recipe(args, plain)
-    train, test, sampler, generator = make_loaders(args, bundle, ctx)
+    problem = plan.problem
+    plain = agree(ctx, lambda: make_model(problem)).to(ctx.device)
+    resolve_recipe(args, plain, problem)
+    train, test, sampler, generator = agree(ctx, lambda: make_loaders(args, problem, ctx))
     model = plain
     if ctx.world_size > 1:
         model = nn.parallel.DistributedDataParallel(
             plain, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     optimizer = torch.optim.SGD(plain.parameters(), lr=args.lr, momentum=MOMENTUM,
                                 weight_decay=args.weight_decay)
-    arch = custom_arch(args.model, bundle.num_classes) if args.model else None
-    run = Run(model, plain, optimizer, train, test, sampler, generator, bundle, arch)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args, len(train)))
+    run = Run(problem, model, plain, optimizer, schedule, train, test, sampler, generator)
     if args.resume:
         agree(ctx, lambda: restore(ctx, args, run))
     if args.hessian_every:
@@ -419,22 +460,26 @@ def train_worker(ctx, args, plan):
     agree(ctx, lambda: remove_earlier(plan.replace) if ctx.rank == 0 and plan.replace else None)
     for epoch in range(run.epoch + 1, args.epochs + 1):
         run_epoch(ctx, args, plan, run, epoch)
-    best_acc, best_epoch = run.best
-    print0(f"checkpoint saved to {plan.paths['last']}; best test accuracy {best_acc:.2f}% "
-           f"(epoch {best_epoch}) in {plan.paths['best']}")
+    score, best_epoch = run.best
+    best = f"best test accuracy {score:.2f}%" if run.best_by == "accuracy" else \
+        f"lowest test loss {-score:.6g}"
+    print0(f"checkpoint saved to {plan.paths['last']}; {best} (epoch {best_epoch}) in "
+           f"{plan.paths['best']}")
 
 
 def restore(ctx, args, run):
-    """--resume: weights, optimizer, epoch, schedule position, best accuracy, random states."""
+    """--resume: weights, optimizer, epoch, schedule position, best score, random states."""
     weights, state, _meta = read_training_state(args.resume)
     try:
         run.plain.load_state_dict(weights)
         run.optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:
+        run.schedule.load_state_dict(state["schedule"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"--resume {args.resume} does not fit this model: "
                               f"{str(exc).splitlines()[0][:150]}") from None
     run.epoch, run.global_step = int(state["epoch"]), int(state["global_step"])
-    run.best = (float(state["best_test_accuracy"]), int(state["best_epoch"]))
+    run.best = (float(state["best_score"]), int(state["best_epoch"]))
+    run.best_by = state["best_by"]
     rng = state["rng"]
     if len(rng) == ctx.world_size:
         restore_rng_state(rng[ctx.rank], run.generator)
@@ -449,7 +494,7 @@ def make_tracker(ctx, args, plan, run):
     if args.resume and plan.previous_curvature:
         previous = load_curvature(plan.previous_curvature, run.epoch)
     return CurvatureTracker(
-        ctx, run.bundle.train_eval, every=args.hessian_every, epochs=args.epochs,
+        ctx, run.problem, every=args.hessian_every, epochs=args.epochs,
         samples=args.hessian_samples, mini_batch=args.hessian_mini_batch, seed=args.seed,
         trace=args.hessian_trace, momentum=MOMENTUM, json_path=plan.paths["curvature_json"],
         png_path=plan.paths["curvature_png"], previous=previous,
@@ -468,12 +513,13 @@ def remove_earlier(paths):
 
 
 def describe(ctx, args, run):
-    b, per = run.bundle, args.batch_size // ctx.world_size
-    name = (f"--model {args.model} ({type(run.plain).__name__})" if args.model else
-            f"ResNet{args.depth} (batch_norm={args.batch_norm}, residual={args.residual})")
-    print0(f"{name}, {count_parameters(run.plain):,} parameters; dataset {b.name} "
-           f"({len(b.train)} train / {len(b.test)} test, {b.num_classes} classes); device "
-           f"{ctx.device}, {ctx.world_size} process(es), batch {per} per process")
+    problem, per = run.problem, args.batch_size // ctx.world_size
+    train, test = len(run.train_loader.dataset), len(problem.dataset("test"))
+    classes = getattr(problem, "num_classes", None)
+    print0(f"{problem.describe()}, {count_parameters(run.plain):,} parameters; data "
+           f"{problem.data_name} ({train} train / {test} test"
+           f"{f', {classes} classes' if classes else ''}); device {ctx.device}, "
+           f"{ctx.world_size} process(es), batch {per} per process")
     original = not args.warmup_epochs and not args.clip_grad_norm
     print0(f"recipe: SGD lr {args.lr:g}, momentum {MOMENTUM}, weight decay "
            f"{args.weight_decay:g}, x{args.lr_decay:g} after epochs "
@@ -482,60 +528,78 @@ def describe(ctx, args, run):
     if args.resume:
         print0(f"resuming {args.resume} after epoch {run.epoch} (step {run.global_step})")
     if run.tracker is not None:
-        print0(run.tracker.expected_cost(run.epoch, len(b.train)))
+        print0(run.tracker.expected_cost(run.epoch, train))
 
 
 @dataclass
 class EpochStats:
     loss: float
-    accuracy: float
+    accuracy: float | None           # percent; None when the problem has no accuracy
     lr: float
     steps: int
     clipped: float                   # fraction of steps whose gradient was clipped
 
 
+class _Sums:
+    """Per-sample sums of a pass, exact over ranks: loss x n, correct x n (while every batch
+    has an accuracy), n."""
+
+    def __init__(self):
+        self.loss, self.correct, self.count, self.scored = 0.0, 0.0, 0, 0
+
+    def add(self, problem, outputs, batch, loss):
+        n = batch_size(batch)
+        self.loss += float(loss.detach()) * n
+        self.count += n
+        accuracy = problem.accuracy(outputs.detach() if isinstance(outputs, torch.Tensor)
+                                    else outputs, batch)
+        if accuracy is not None:
+            self.correct += float(accuracy) * n
+            self.scored += n
+
+    def means(self, device):
+        loss, correct, count, scored = sum_over_ranks(
+            [self.loss, self.correct, self.count, self.scored], device)
+        accuracy = 100.0 * correct / count if count and scored == count else None
+        return loss / max(count, 1), accuracy
+
+
 def train_one_epoch(ctx, args, run, epoch, progress) -> EpochStats:
     run.model.train()
-    spe = len(run.train_loader)
-    loss_sum, correct, count, clipped, lr = 0.0, 0, 0, 0, args.lr
-    for step, (x, y) in enumerate(run.train_loader):
-        lr = learning_rate(args, epoch, step, spe)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
-        x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+    sums, clipped, lr = _Sums(), 0, run.schedule.get_last_lr()[0]
+    for step, batch in enumerate(run.train_loader):
+        lr = run.schedule.get_last_lr()[0]
+        batch = move_batch(batch, ctx.device, non_blocking=True)
         run.optimizer.zero_grad(set_to_none=True)
-        out = run.model(x)
-        loss = F.cross_entropy(out, y)
+        out = run.problem.forward(run.model, batch)
+        loss = run.problem.loss(out, batch)
         loss.backward()
         if args.clip_grad_norm:  # DDP has averaged the gradients: every rank clips alike
             norm = nn.utils.clip_grad_norm_(run.plain.parameters(), args.clip_grad_norm)
             clipped += bool(norm > args.clip_grad_norm)
         run.optimizer.step()
-        loss_sum += loss.item() * y.numel()
-        correct += (out.argmax(1) == y).sum().item()
-        count += y.numel()
+        run.schedule.step()
+        sums.add(run.problem, out, batch, loss)
         progress.update(step + 1, loss.item())
     progress.close()
     # (Under DDP, DistributedSampler pads the last shard with a few repeated samples so that
     # every rank runs the same number of steps; the training figures include them.)
-    loss_sum, correct, count = sum_over_ranks([loss_sum, correct, count], ctx.device)
-    return EpochStats(loss_sum / max(count, 1), 100.0 * correct / max(count, 1), lr, spe,
-                      clipped / max(spe, 1))
+    loss, accuracy = sums.means(ctx.device)
+    spe = len(run.train_loader)
+    return EpochStats(loss, accuracy, lr, spe, clipped / max(spe, 1))
 
 
 @torch.no_grad()
-def evaluate(model, loader, device):
-    """Loss and accuracy over this rank's test shard, summed exactly over all ranks."""
+def evaluate(problem, model, loader, device):
+    """Mean loss and accuracy (percent, or None) over this rank's test shard, summed exactly
+    over all ranks (each batch's mean loss weighted by its sample count)."""
     model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        out = model(x)
-        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
-        count += y.numel()
-    loss_sum, correct, count = sum_over_ranks([loss_sum, correct, count], device)
-    return loss_sum / max(count, 1), 100.0 * correct / max(count, 1)
+    sums = _Sums()
+    for batch in loader:
+        batch = move_batch(batch, device, non_blocking=True)
+        out = problem.forward(model, batch)
+        sums.add(problem, out, batch, problem.loss(out, batch))
+    return sums.means(device)
 
 
 def sum_over_ranks(values, device):
@@ -547,7 +611,8 @@ class TrainingDiverged(UserError):
 
 
 def run_epoch(ctx, args, plan, run, epoch):
-    """Train one epoch, evaluate, maybe measure the curvature, save."""
+    """Train one epoch, evaluate, save, then maybe measure the curvature (a cancel during the
+    check keeps the epoch's checkpoint)."""
     start = time.time()
     if run.sampler is not None:
         run.sampler.set_epoch(epoch)
@@ -559,17 +624,21 @@ def run_epoch(ctx, args, plan, run, epoch):
         # the sharded test pass (and the Hessian) see exactly the model that is saved.
         for buf in run.plain.buffers():
             torch.distributed.broadcast(buf, src=0)
-    test_loss, test_acc = evaluate(run.plain, run.test_loader, ctx.device)
+    test_loss, test_acc = evaluate(run.problem, run.plain, run.test_loader, ctx.device)
     if not (math.isfinite(stats.loss) and math.isfinite(test_loss)):
         raise TrainingDiverged(diverged_message(args, epoch, stats.loss))
     lr_text = f"{stats.lr:.4f}" if stats.lr >= 1e-3 else f"{stats.lr:.2e}"
     clip_text = f"  clipped {100 * stats.clipped:.0f}% of steps" if args.clip_grad_norm else ""
-    print0(f"epoch {epoch}/{args.epochs}  train loss {stats.loss:.4f} acc {stats.accuracy:.2f}%"
-           f"  test loss {test_loss:.4f} acc {test_acc:.2f}%  lr {lr_text}  "
+    print0(f"epoch {epoch}/{args.epochs}  train loss {stats.loss:.4f}{_acc(stats.accuracy)}"
+           f"  test loss {test_loss:.4f}{_acc(test_acc)}  lr {lr_text}  "
            f"{time.time() - start:.1f} s{clip_text}")
+    save_epoch(ctx, args, plan, run, epoch, test_loss, test_acc)
     if run.tracker is not None:
         track_curvature(ctx, run, epoch, stats, test_loss, test_acc)
-    save_epoch(ctx, args, plan, run, epoch, test_acc)
+
+
+def _acc(accuracy):
+    return "" if accuracy is None else f" acc {accuracy:.2f}%"
 
 
 def diverged_message(args, epoch, loss):
@@ -608,33 +677,34 @@ def track_curvature(ctx, run, epoch, stats, test_loss, test_acc):
     agree(ctx, write)
 
 
-def save_epoch(ctx, args, plan, run, epoch, test_acc):
-    """Rank 0 writes the best checkpoint (when this epoch is the best so far), then the last
-    one with the training state; every rank learns of a failure."""
-    if test_acc > run.best[0]:
-        run.best = (test_acc, epoch)
+def save_epoch(ctx, args, plan, run, epoch, test_loss, test_acc):
+    """Rank 0 writes the best checkpoint (when this epoch is the best so far: by test accuracy,
+    or by test loss when the problem has no accuracy), then the last one with the training
+    state; every rank learns of a failure."""
+    score = test_acc if test_acc is not None else -test_loss
+    if score > run.best[0]:
+        run.best = (score, epoch)
+    run.best_by = "accuracy" if test_acc is not None else "loss"
     rng = [capture_rng_state(run.generator)]
     if ctx.world_size > 1:
         rng = [None] * ctx.world_size
         torch.distributed.all_gather_object(rng, capture_rng_state(run.generator))
     recorded = {k: v for k, v in vars(args).items() if k != "given"}
-    common = dict(dataset=run.bundle.name, normalization=run.bundle.normalization,
-                  epoch=epoch, test_accuracy=test_acc, arch=run.arch,
-                  args=dict(recorded, world_size=ctx.world_size),
-                  image_size=run.bundle.image_size)
+    common = dict(epoch=epoch, test_accuracy=test_acc,
+                  args=dict(recorded, world_size=ctx.world_size))
     state = {"epoch": epoch, "global_step": run.global_step,
              "steps_per_epoch": len(run.train_loader), "optimizer": run.optimizer.state_dict(),
-             "schedule": {"kind": "multistep with linear warm-up (closed form in the epoch)",
-                          "lr": run.optimizer.param_groups[0]["lr"]},
-             "best_test_accuracy": run.best[0], "best_epoch": run.best[1],
-             "world_size": ctx.world_size, "rng": rng}
+             "schedule": run.schedule.state_dict(), "best_score": run.best[0],
+             "best_by": run.best_by, "best_epoch": run.best[1], "world_size": ctx.world_size,
+             "rng": rng}
 
     def write():
         if ctx.rank != 0:
             return
+        record = run.problem.record()
         if run.best[1] == epoch:
-            save_checkpoint(plan.paths["best"], run.plain, **common)
-        save_checkpoint(plan.paths["last"], run.plain, training_state=state, **common)
+            save_checkpoint(plan.paths["best"], run.plain, record, **common)
+        save_checkpoint(plan.paths["last"], run.plain, record, training_state=state, **common)
 
     agree(ctx, write)
     ctx.committed()
@@ -661,8 +731,6 @@ class _Progress:
 # ---------------------------------------------------------------------------- main
 def train(args):
     plan = validate(args)
-    if plan.nprocs > 1 and not launched_by_torchrun():
-        plan = replace(plan, bundle=None)  # spawned workers load it themselves
     launch(train_worker, (args, plan), nprocs=plan.nprocs, cuda=plan.cuda,
            backend=args.backend, ip=args.ip, port=args.port)
 

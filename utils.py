@@ -1,4 +1,5 @@
-"""The scripts' short public face: every public helper of ``support/`` under one name.
+"""The scripts' short public face: every public helper of ``support/`` and ``problems/`` under
+one name.
 
 training.py, example_pyhessian_analysis.py, bench/ and the tests import ``utils.X``; the code
 lives in small modules, one job each (each module's ``__all__`` is what it exports here):
@@ -8,18 +9,22 @@ lives in small modules, one job each (each module's ``__all__`` is what it expor
 * ``support.files``       -- atomic writes;
 * ``support.datasets``    -- data sets (cifar10, cifar100, imagefolder, synthetic),
   ``hessian_subset``, ``shard_batches``;
-* ``support.checkpoints`` -- save / load checkpoints (ours and the original's; read file ->
-  parse -> check flags -> check values -> build model), RNG and training state;
+* ``support.checkpoints`` -- save / read checkpoints (ours and the original's; read file ->
+  parse -> check values; strict weight loading), RNG and training state;
 * ``support.models``      -- ``--model module.path:callable``;
 * ``support.cli``         -- ArgumentParser (one-line errors), flag helpers, number types;
 * ``support.launch``      -- one process, spawned workers or torchrun; signals, worker
   failures, ports, devices; ``run_main`` (one line and an exit status for every ending);
 * ``support.outputs``     -- the output folder: checked at start-up, one run's files together;
 * ``support.report``      -- what rank 0 prints about the set-up and writes;
-* ``support.curvature``   -- curvature during training (``training.py --hessian-every``).
+* ``support.curvature``   -- curvature during training (``training.py --hessian-every``);
+* ``problems``            -- what is analysed or trained: the built-in image classifier or a
+  problem file (``--problem``), and ``load_checkpoint`` (a checkpoint's model).
 """
 import importlib
 
+import problems
+from problems import *  # noqa: F403
 from support.checkpoints import *  # noqa: F403
 from support.cli import *  # noqa: F403
 from support.curvature import *  # noqa: F403
@@ -35,4 +40,5 @@ from support.report import *  # noqa: F403
 _MODULES = ("checkpoints", "cli", "curvature", "datasets", "errors", "files", "launch", "models",
             "outputs", "report")
 __all__ = sorted({name for module in _MODULES
-                  for name in importlib.import_module(f"support.{module}").__all__})
+                  for name in importlib.import_module(f"support.{module}").__all__}
+                 | set(problems.__all__))

@@ -74,6 +74,7 @@ class Context:
     op: object                      # a HessianOperator over this rank's shard
     model: object
     worker: object                  # support.launch.WorkerContext
+    problem: object = None          # problems.Problem: forward, loss, accuracy
     results: dict = field(default_factory=dict)
     costs: dict = field(default_factory=dict)
     _groups: list | None = None

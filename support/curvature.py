@@ -2,11 +2,12 @@
 loss Hessian on a fixed subset of the training set, recorded next to the checkpoint.
 
 Every check builds a ``HessianOperator`` on the plain model (not the DDP wrapper) in eval mode
-(BatchNorm uses its running statistics, identical on every rank), with the mean cross-entropy
-over a FIXED set of ``--hessian-samples`` un-augmented training images (``hessian_subset`` by
-``--seed``; each rank holds its round-robin share of the mini-batches, ``shard_batches``, and the
-operator all-reduces). Weight decay is not part of this Hessian: it would add ``weight_decay``
-(5e-4) to every eigenvalue. Then
+(BatchNorm uses its running statistics, identical on every rank), with the problem's mean loss
+(its ``forward`` and ``loss``; cross-entropy for the built-in classifier) over a FIXED set of
+``--hessian-samples`` samples of its un-augmented train split (``hessian_subset`` by ``--seed``;
+each rank holds its round-robin share of the mini-batches, ``shard_batches``, and the operator
+all-reduces). Weight decay is not part of this Hessian: it would add ``weight_decay`` (5e-4) to
+every eigenvalue. Then
 
 * lambda_1: ``lanczos_eigenpairs`` (k=1, which="LA"), stopped when its eigenvalue error bound is
   below ``LANCZOS_TOL`` relative (at most ``LANCZOS_MAX_STEPS`` products);
@@ -86,21 +87,23 @@ def load_curvature(path: str, up_to_epoch: int) -> tuple[list, list]:
 class CurvatureTracker:
     """The fixed Hessian subset of this rank, the checks so far, and the files rank 0 writes."""
 
-    def __init__(self, ctx, dataset, *, every, epochs, samples, mini_batch, seed, trace,
+    def __init__(self, ctx, problem, *, every, epochs, samples, mini_batch, seed, trace,
                  momentum, json_path, png_path, settings=None, previous=((), ())):
-        self.ctx, self.every, self.epochs = ctx, int(every), int(epochs)
+        self.ctx, self.problem, self.every, self.epochs = ctx, problem, int(every), int(epochs)
         self.seed, self.trace, self.momentum = int(seed), bool(trace), float(momentum)
         self.samples, self.mini_batch = int(samples), int(mini_batch)
         self.json_path, self.png_path = json_path, png_path
+        dataset = problem.dataset("train")
         indices = hessian_subset(dataset, self.samples, self.seed, flag="--hessian-samples")
         self.batches, self.num_batches = shard_batches(dataset, indices, self.mini_batch,
-                                                       ctx.rank, ctx.world_size)
+                                                       ctx.rank, ctx.world_size,
+                                                       problem.collate)
         self.checks, self.epoch_log = list(previous[0]), list(previous[1])
         self.settings = {
             "hessian_every": self.every, "hessian_samples": self.samples,
             "hessian_mini_batch": self.mini_batch, "seed": self.seed, "trace": self.trace,
-            "split": "train (un-augmented)", "model_mode": "eval",
-            "loss": "mean cross-entropy (weight decay not included)",
+            "split": problem.hessian_split, "model_mode": "eval",
+            "loss": f"{problem.loss_description} (weight decay not included)",
             "lanczos_tol": LANCZOS_TOL, "lanczos_max_steps": LANCZOS_MAX_STEPS,
             "trace_rse": TRACE_RSE, "trace_deflate": "auto", "momentum": self.momentum,
             **(settings or {})}
@@ -130,7 +133,8 @@ class CurvatureTracker:
         lr, train_loss, test_loss, test_accuracy. Returns the record (also kept)."""
         t0 = time.perf_counter()
         was_training = model.training
-        op = HessianOperator(model, nn.CrossEntropyLoss(), self.batches, device=self.ctx.device,
+        op = HessianOperator(model, batches=self.batches, forward=self.problem.forward,
+                             loss=self.problem.loss, device=self.ctx.device,
                              local_processes=self.ctx.local_world_size)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(point["epoch"]))
         eig = lanczos_eigenpairs(op, k=1, which="LA", max_steps=min(LANCZOS_MAX_STEPS, op.dim),

@@ -411,20 +411,15 @@ def hessian_subset(dataset, num_samples, seed, flag="--hessian-batch-size"):
     return torch.randperm(n, generator=g)[:num_samples].tolist()
 
 
-def shard_batches(dataset, indices, mini_batch_size, rank=0, world_size=1, device="cpu"):
+def shard_batches(dataset, indices, mini_batch_size, rank=0, world_size=1, collate=None):
     """This rank's Hessian mini-batches: ``indices`` cut in order into mini-batches of
     ``mini_batch_size`` (the last may be smaller), dealt round-robin to ``world_size`` ranks, so
-    every world size covers exactly the same samples. Returns ``(batches, num_mini_batches)``
-    with ``batches`` a list of ``(x, y)`` tensors already on ``device`` (moved once, here).
-    A sample that cannot be read raises DataError naming its file (see ``_load_image``).
+    every world size covers exactly the same samples. Returns ``(batches, num_mini_batches)``;
+    each batch is what ``collate`` (default: ``torch.utils.data.default_collate``) makes of its
+    samples (for images, ``(x, y)`` tensors), on the host. A sample that cannot be read raises DataError naming its
+    file (see ``_load_image``).
     """
     chunks = [indices[i:i + mini_batch_size] for i in range(0, len(indices), mini_batch_size)]
-    batches = []
-    for chunk in chunks[rank::world_size]:
-        items = [dataset[i] for i in chunk]
-        x = torch.stack([image for image, _ in items]).to(device)
-        y = torch.tensor([int(target) for _, target in items], device=device)
-        batches.append((x, y))
+    collate = collate or torch.utils.data.default_collate
+    batches = [collate([dataset[i] for i in chunk]) for chunk in chunks[rank::world_size]]
     return batches, len(chunks)
-
-

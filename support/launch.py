@@ -44,10 +44,10 @@ from pyhessian_dist.distributed import (
     setup,
 )
 from pyhessian_dist.operator import available_memory_bytes
-from support.errors import UserError
+from support.errors import DataError, UserError
 
 __all__ = ["Interrupted", "LaunchError", "WorkerContext", "WorkerFailed", "agree",
-           "gather_objects",
+           "broadcast_module", "check_same_data", "gather_objects",
            "check_cpu_workers", "free_port", "launch", "resolve_device", "run_main"]
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -215,6 +215,44 @@ def gather_objects(ctx: WorkerContext, value) -> list:
     values = [None] * ctx.world_size
     torch.distributed.all_gather_object(values, value)
     return values
+
+
+def broadcast_module(ctx: WorkerContext, module) -> None:
+    """Rank 0's parameters and buffers on every rank (one broadcast per tensor)."""
+    if ctx.world_size == 1:
+        return
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            torch.distributed.broadcast(t.data, src=0)
+
+
+def check_same_data(ctx: WorkerContext, dataset, indices, label: str) -> None:
+    """DataError on every rank when ranks see different samples at the first and last Hessian
+    index (a data set generated at random without a fixed seed would make each rank's shard
+    a sample of another data set): a float64 checksum of both samples, all-gathered."""
+    if ctx.world_size == 1 or not indices:
+        return
+    total = 0.0
+    for i in {indices[0], indices[-1]}:
+        for t in _tensors(torch.utils.data.default_collate([dataset[i]])):
+            t = t.double()
+            total += float(t.sum()) + float((t * t).sum())
+    sums = gather_objects(ctx, total)
+    if any(abs(x - sums[0]) > 1e-9 * max(1.0, abs(sums[0])) for x in sums):
+        raise DataError(f"{label}: dataset('train') gives different samples in different "
+                        "processes; make it deterministic (e.g. draw generated data from a "
+                        "torch.Generator with a fixed seed)")
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+    elif isinstance(x, (tuple, list)):
+        for v in x:
+            yield from _tensors(v)
 
 
 def agree(ctx: WorkerContext, step):

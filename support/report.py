@@ -31,12 +31,12 @@ def describe_setup(op, data, worker, seconds) -> list[str]:
     backend = torch.distributed.get_backend() if worker.world_size > 1 else "none"
     threads = f" ({torch.get_num_threads()} thread(s)/process)" if op.device.type == "cpu" else ""
     return [
-        f"data: {data['dataset']} train split, un-augmented: {data['num_samples']} samples "
+        f"data: {data['dataset']} {data['split']}: {data['num_samples']} samples "
         f"(seed {data['seed']}) in {data['num_mini_batches']} mini-batches of <= "
         f"{data['mini_batch_size']}; samples per rank {data['samples_per_rank']}",
         f"world size {worker.world_size} ({worker.mode}), backend {backend}, device "
         f"{op.device.type}{threads}; {op.dim:,} trainable parameters",
-        f"loss {op.loss():.6g} (mean cross-entropy on these samples), gradient norm "
+        f"loss {op.loss():.6g} ({data['loss']} on these samples), gradient norm "
         f"{op.gradient().norm().item():.4g}; set-up {seconds:.1f} s",
         f"HVP: {op.hvp_mode}; {op.describe_memory()}",
     ]
