@@ -294,11 +294,10 @@ def _is_classification(out, y) -> bool:
 def _local_sums(op) -> torch.Tensor:
     """[sum n_b loss_b, correct, samples counted for accuracy] over this rank's shard."""
     s = torch.zeros(3, dtype=torch.float64, device=op.device)
-    for b in range(len(op.batches)):
-        x, y = op._batch(b)
-        out = op.model(*x) if isinstance(x, (tuple, list)) else op.model(x)
-        n = len(y)
-        s[0] += op.criterion(out, y).to(torch.float64) * n
+    for batch, n in op.local_batches():
+        out = op.forward_fn(op.model, batch)
+        s[0] += op.loss_fn(out, batch).to(torch.float64) * n
+        y = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
         if _is_classification(out, y):
             s[1] += (out.argmax(dim=1) == y).sum()
             s[2] += n
@@ -336,10 +335,10 @@ def kinked_ops(op) -> list[str]:
             return func(*args, **(kwargs or {}))
 
     seen = Seen()
-    if op.batches:
-        x, _y = op._batch(0)
+    first = next(op.local_batches(), None)
+    if first is not None:
         with torch.no_grad(), seen:
-            op.model(*x) if isinstance(x, (tuple, list)) else op.model(x)
+            op.forward_fn(op.model, first[0])
     names = sorted(_KINKED)
     flags = torch.tensor([float(n in seen.names) for n in names], dtype=torch.float64,
                          device=op.device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from pyhessian_dist.algorithms import lanczos_group_eigenpairs
+from pyhessian_dist import lanczos_group_eigenpairs
 from pyhessian_dist.groups import GROUPINGS
 from support.cli import positive_float
 

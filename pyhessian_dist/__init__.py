@@ -1,34 +1,45 @@
 """pyhessian-dist: exact, distributed Hessian spectra of neural networks from HVPs.
 
-The pieces: ``HessianOperator`` (H v over every rank's data, one all-reduce per product) on a
-small linear-operator base (``LinearOperator``, ``DenseOperator``, ``CallableOperator``,
-``BlockOperator``); matrix-free algorithms that take any such operator (Lanczos, power
-iteration, Hutchinson with optional Krylov deflation, Hutch++, SLQ) and return typed results
-(``EigenResult``, ``TraceResult``, ``DensityResult``) whose progress is one shape (``Step``);
-``gaussian_density`` for the ESD; and ``hessian``, a drop-in for PyHessian's class.
+The pieces: ``operators/``: a small linear-operator base (``LinearOperator``,
+``DenseOperator``, ``CallableOperator``), ``ModelOperator`` (a curvature matrix of a model's
+mean loss over every rank's mini-batches, one all-reduce per product) and ``HessianOperator``;
+``batches``: mini-batches of any layout (``batch_size``) with a ``forward(model, batch)`` and a
+``loss(outputs, batch)``; ``estimators/``: matrix-free algorithms that take any operator
+(Lanczos, power iteration, Hutchinson with optional Krylov deflation, Hutch++, SLQ) and return
+typed results (``EigenResult``, ``TraceResult``, ``DensityResult``) whose progress is one shape
+(``Step``); ``parameter_groups`` for per-layer index sets; ``gaussian_density`` for the ESD;
+and ``hessian``, a drop-in for PyHessian's class.
 """
-from .algorithms import (
+from .batches import batch_size
+from .density import gaussian_density
+from .distributed import get_rank, get_world_size, print0
+from .estimators import (
     KrylovDeflation,
     hutchinson_trace,
     hutchpp_trace,
     lanczos_eigenpairs,
-    lanczos_tridiagonal,
+    lanczos_group_eigenpairs,
     power_iteration_eigenpairs,
     rademacher,
     slq_density,
 )
-from .density import gaussian_density
-from .distributed import get_rank, get_world_size, print0
+from .groups import parameter_groups
 from .hessian import hessian
-from .operator import HVP_MODES, HessianOperator
-from .operators import BlockOperator, CallableOperator, DenseOperator, LinearOperator
+from .operators import (
+    HVP_MODES,
+    CallableOperator,
+    DenseOperator,
+    HessianOperator,
+    LinearOperator,
+    ModelOperator,
+    available_memory_bytes,
+)
 from .results import DensityResult, DiagonalResult, EigenResult, Step, TraceResult
 
 __version__ = "0.2.0"
 
 __all__ = [
     "HVP_MODES",
-    "BlockOperator",
     "CallableOperator",
     "DenseOperator",
     "DensityResult",
@@ -37,9 +48,12 @@ __all__ = [
     "HessianOperator",
     "KrylovDeflation",
     "LinearOperator",
+    "ModelOperator",
     "Step",
     "TraceResult",
     "__version__",
+    "available_memory_bytes",
+    "batch_size",
     "gaussian_density",
     "get_rank",
     "get_world_size",
@@ -47,7 +61,8 @@ __all__ = [
     "hutchinson_trace",
     "hutchpp_trace",
     "lanczos_eigenpairs",
-    "lanczos_tridiagonal",
+    "lanczos_group_eigenpairs",
+    "parameter_groups",
     "power_iteration_eigenpairs",
     "print0",
     "rademacher",

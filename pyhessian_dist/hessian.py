@@ -20,16 +20,16 @@ import warnings
 
 import torch
 
-from .algorithms import (
+from .distributed import broadcast_seed
+from .estimators import (
     hutchinson_trace,
     hutchpp_trace,
     lanczos_eigenpairs,
     power_iteration_eigenpairs,
     slq_density,
 )
-from .distributed import broadcast_seed
 from .groups import parameter_groups
-from .operator import HessianOperator
+from .operators import HessianOperator
 
 __all__ = ["hessian"]
 
@@ -55,7 +55,8 @@ class hessian:  # noqa: N801 - the name PyHessian users import
             torch's global RNG (one seed per call, taken from rank 0 when distributed); an
             int: every call starts from ``torch.Generator().manual_seed(seed)`` (reproducible).
         **operator_kwargs: passed to ``HessianOperator`` (``reuse_graph``, ``data_on_device``,
-            ``hvp_mode``, ``memory_budget_bytes``, ...).
+            ``hvp_mode``, ``memory_budget_bytes``, ``forward`` for a model that is not called
+            as ``model(inputs)``, ...).
 
     What is resident: the mini-batches are kept where the loader put them (host memory,
     pinned for CUDA) and moved to the device one at a time per product unless they fit in a
@@ -81,8 +82,8 @@ class hessian:  # noqa: N801 - the name PyHessian users import
         batches = [data] if data is not None else list(dataloader)
         if data is not None:
             operator_kwargs.setdefault("reuse_graph", True)
-        self.operator = HessianOperator(self.model, criterion, batches, device=self.device,
-                                        **operator_kwargs)
+        self.operator = HessianOperator(self.model, criterion=criterion, batches=batches,
+                                        device=self.device, **operator_kwargs)
         self.params = self.operator.params
         self.seed = seed
         self.last_result = None

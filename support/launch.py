@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pyhessian_dist import available_memory_bytes
 from pyhessian_dist.distributed import (
     all_reduce_,
     backend_for,
@@ -43,7 +44,6 @@ from pyhessian_dist.distributed import (
     launched_by_torchrun,
     setup,
 )
-from pyhessian_dist.operator import available_memory_bytes
 from support.errors import DataError, UserError
 
 __all__ = ["Interrupted", "LaunchError", "WorkerContext", "WorkerFailed", "agree",

@@ -4,8 +4,13 @@ import torch
 from torch import nn
 
 from dist_harness import run_distributed
-from pyhessian_dist import HessianOperator, hutchinson_trace, lanczos_eigenpairs, slq_density
-from pyhessian_dist.algorithms import lanczos_group_eigenpairs
+from pyhessian_dist import (
+    HessianOperator,
+    hutchinson_trace,
+    lanczos_eigenpairs,
+    lanczos_group_eigenpairs,
+    slq_density,
+)
 from pyhessian_dist.groups import parameter_groups
 from tiny import SIZES, make, split_uneven
 

@@ -166,14 +166,14 @@ def test_parameters_restored_after_a_failure_midway(single_thread, monkeypatch):
     saved = _snapshot(model)
     calls = {"n": 0, "moved": False}
 
-    def failing(out, target):
+    def failing(out, batch):
         calls["n"] += 1
         if calls["n"] == 10:
             calls["moved"] = not _same(model, saved)  # the failure really is mid-move
             raise RuntimeError("injected failure")
-        return CE(out, target)
+        return CE(out, batch[1])
 
-    monkeypatch.setattr(op, "criterion", failing)
+    monkeypatch.setattr(op, "loss_fn", failing)
     with pytest.raises(RuntimeError, match="injected failure"):
         Landscape().run(ctx)
     assert calls["moved"]

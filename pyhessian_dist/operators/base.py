@@ -6,17 +6,16 @@ vectors (returned row-wise: row i is ``A V[i]``). Subclasses implement ``_matmat
 
 * :class:`DenseOperator` wraps a dense symmetric matrix (tests, small problems).
 * :class:`CallableOperator` wraps a function ``v -> A v``.
-* :class:`BlockOperator` restricts an operator to a subset of coordinates: ``P^T A P`` with
-  ``P`` the embedding of those coordinates, e.g. one layer's diagonal block of a Hessian.
-* ``HessianOperator`` (in ``operator.py``) is the Hessian of a model's loss.
+* ``ModelOperator`` (``model.py``) and its subclasses, e.g. ``HessianOperator``
+  (``hessian.py``), are curvature matrices of a model's loss over sharded data.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
-__all__ = ["LinearOperator", "DenseOperator", "CallableOperator", "BlockOperator"]
+__all__ = ["LinearOperator", "DenseOperator", "CallableOperator"]
 
 
 class LinearOperator:
@@ -82,36 +81,3 @@ class CallableOperator(LinearOperator):
         if self.batched:
             return self.fn(V)
         return torch.stack([self.fn(v) for v in V])
-
-
-class BlockOperator(LinearOperator):
-    """``P^T A P``: ``A`` restricted to the coordinates ``index`` (a slice or index tensor).
-
-    A product embeds the vector into ``A``'s space (zeros elsewhere), multiplies, and reads the
-    same coordinates back: it costs one product of ``A``. With several index sets use
-    :meth:`restrict_many`, which shares one batched product among them.
-    """
-
-    def __init__(self, op: LinearOperator, index: slice | torch.Tensor | Sequence[int]):
-        self.op = op
-        self.index = _as_index(index, op.dim)
-        size = len(range(op.dim)[self.index]) if isinstance(self.index, slice) else len(self.index)
-        super().__init__(size, op.dtype, op.device)
-
-    def embed(self, V: torch.Tensor) -> torch.Tensor:
-        """Rows of ``V`` (k, size) placed on the block's coordinates (zeros elsewhere)."""
-        full = torch.zeros(V.shape[0], self.op.dim, dtype=V.dtype, device=V.device)
-        full[:, self.index] = V
-        return full
-
-    def _matmat(self, V):
-        return self.op.matvec(self.embed(V))[:, self.index]
-
-
-def _as_index(index, dim):
-    if isinstance(index, slice):
-        return index
-    t = torch.as_tensor(index, dtype=torch.long)
-    if t.dim() != 1 or t.numel() == 0 or t.min() < 0 or t.max() >= dim:
-        raise ValueError(f"index must be a non-empty 1-D set of coordinates in [0, {dim})")
-    return t

@@ -1,0 +1,286 @@
+"""Trace estimators: Hutchinson's (optionally after deflating a Krylov space, split over groups
+of coordinates, with the diagonal) and Hutch++.
+
+References: Hutchinson's estimator as in PyHessian (Yao et al., 2020); the diagonal (Bekas,
+Kokiopoulou & Saad 2007); deflating a Krylov space before Hutchinson (Chen & Hallman,
+"Krylov-aware stochastic trace estimation", 2023); Hutch++ (Meyer, Musco, Musco & Woodruff,
+SOSA 2021).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..operators import LinearOperator
+from ..results import Callback, DiagonalResult, Step, TraceResult
+from ._common import F64, apply, emit, rademacher, resolve_generator, standard_error
+from .lanczos import Lanczos, lanczos_step
+
+__all__ = ["KrylovDeflation", "hutchinson_trace", "hutchpp_trace"]
+
+
+@dataclass
+class KrylovDeflation:
+    """An orthonormal basis ``Q`` (m, dim) with ``AQ`` (m, dim) = rows ``A q_j``.
+
+    Used to split a trace exactly: ``tr(A) = tr(Q^T A Q) + tr(P A P)`` with ``P = I - Q^T Q``
+    (rows of ``Q`` as basis vectors); only the second term is estimated by probes. From a
+    Lanczos run, ``AQ`` comes without extra products: ``A Q^T = Q^T T + w e_m^T``.
+    """
+
+    Q: torch.Tensor
+    AQ: torch.Tensor
+    num_matvecs: int
+
+    @property
+    def exact_trace(self) -> float:
+        """tr(Q^T A Q), this subspace's exact share of the trace."""
+        return float((self.Q * self.AQ).sum())
+
+    def diagonal(self) -> torch.Tensor:
+        """diag(A Q^T Q): this subspace's exact share of diag(A)."""
+        return (self.Q * self.AQ).sum(dim=0)
+
+    def summary(self, chosen: str) -> dict:
+        """What a TraceResult reports of the deflation (``chosen``: "auto" or "fixed")."""
+        return {"dimension": int(self.Q.shape[0]), "exact_part": self.exact_trace,
+                "num_matvecs": self.num_matvecs, "chosen": chosen}
+
+    def project(self, Z: torch.Tensor, AZ: torch.Tensor):
+        """(P z, A P z) for rows z of Z, given A z (no operator products needed)."""
+        C = Z @ self.Q.T
+        return Z - C @ self.Q, AZ - C @ self.AQ
+
+
+def _lanczos_deflation(op, generator, steps, auto, rse, min_probes, pilot, history, callback):
+    """Lanczos from a Rademacher start; in ``auto`` mode stop when deflating further no longer
+    pays. After m steps the predicted cost is m + N(m) products, N(m) = 2 F_m / (rse T)^2 the
+    probes that reach ``rse`` when each probe's variance is 2 F_m, F_m = ||P A P||_F^2 (an upper
+    bound of the Rademacher variance / 2). F_m and T come from the ``pilot`` probes (Z, AZ),
+    projected on the complement of the Krylov space: E ||P A P z||^2 = ||P A P||_F^2, and
+    tr(Q^T A Q) + (Pz)^T A (Pz) is the deflated sample. It stops three steps past the smallest
+    predicted cost and keeps the whole basis (more deflation never raises the variance)."""
+    run = Lanczos(rademacher((op.dim,), generator, op.device), steps, generator)
+    best = None
+    AQ = torch.zeros(run.max_steps, op.dim, dtype=F64, device=op.device)
+    while not run.done:
+        lanczos_step(op, [run])
+        m, q = run.m, run.Q
+        _lanczos_products(AQ, q, run.alpha, run.beta, run.w, m)
+        if auto and pilot is not None:
+            defl = KrylovDeflation(Q=q, AQ=AQ[:m], num_matvecs=m)
+            PZ, APZ = defl.project(*pilot)
+            PAPZ = APZ - (APZ @ q.T) @ q
+            frob_left = float((PAPZ ** 2).sum(dim=1).mean())
+            trace_hat = defl.exact_trace + float((PZ * APZ).sum(dim=1).mean())
+            cost = m + max(2 * frob_left / (rse * trace_hat) ** 2, min_probes)
+            if best is None or cost < best[1]:
+                best = (m, cost)
+        emit(history, callback, Step(m, (float(run.alpha[:m].sum()),), (float("nan"),),
+                                     "", "deflation", max_matvecs=steps))
+        if best is not None and m >= best[0] + 3:
+            break  # three steps past the predicted optimum
+    # the steps past the optimum are paid for: deflating them only helps
+    return KrylovDeflation(Q=run.Q.clone(), AQ=AQ[: run.m].clone(), num_matvecs=run.m)
+
+
+def _lanczos_products(AQ, q, a, b, w, m) -> None:
+    """Rows j = m-2 and m-1 of ``AQ`` (rows ``A q_j``) after Lanczos step m, from the Lanczos
+    relation ``A q_j = beta_{j-1} q_{j-1} + alpha_j q_j + beta_j q_{j+1}``, the last row ending
+    in the residual ``w`` instead of ``beta_j q_{j+1}``."""
+    if m >= 2:
+        AQ[m - 2] = a[m - 2] * q[m - 2] + b[m - 2] * q[m - 1]
+        if m >= 3:
+            AQ[m - 2] += b[m - 3] * q[m - 3]
+    AQ[m - 1] = a[m - 1] * q[m - 1] + w + (b[m - 2] * q[m - 2] if m >= 2 else 0.0)
+
+
+def hutchinson_trace(op: LinearOperator, *, max_iter: int = 100, tol: float | None = 1e-3,
+                     rse: float | None = None, min_probes: int = 10, block_size: int = 1,
+                     deflate: int | str = 0, max_deflation_steps: int = 50,
+                     groups: Sequence | None = None, diagonal: bool = False,
+                     generator: torch.Generator | None = None,
+                     callback: Callback | None = None) -> TraceResult:
+    """Hutchinson's estimator tr(A) ~ (1/n) sum_j z_j^T A z_j (Rademacher z_j), optionally
+    after deflating a Krylov space.
+
+    Stopping: with ``rse`` set, after at least ``min_probes`` probes once the standard error is
+    at most ``rse * |estimate|``; otherwise PyHessian's rule: stop when
+    ``|mean_n - mean_{n-1}| / (|mean_{n-1}| + 1e-6) < tol`` (mean_0 = 0). Always at most
+    ``max_iter`` probes. ``block_size`` probes share one operator call (same estimate whatever
+    the block size; products past the stopping point are counted, not used).
+
+    ``deflate``: 0 (plain), an int m (deflate an m-step Lanczos space), or "auto" (choose m
+    from up to 8 pilot probes, reused as the first probes, and ``rse``; at most
+    ``max_deflation_steps``; see ``_lanczos_deflation``). With a basis Q (exact part
+    ``tr(Q^T A Q)``) each sample is ``tr(Q^T A Q) + (Pz)^T A (Pz)``: unbiased for any Q, with
+    per-probe variance ``2(||PAP||_F^2 - sum_i (PAP)_ii^2)`` instead of ``2(||A||_F^2 - ...)``.
+
+    ``groups``: index sets (slices or index tensors) partitioning the coordinates; every sample
+    is split over them (``group_samples``, rows summing to ``samples``): the sample's share of
+    group g is ``sum_{i in g} c_i`` with ``c = (Pz) * (A P z) + diag(A Q^T Q)``, whose mean
+    estimates ``tr`` of A's diagonal block of g. ``diagonal=True`` also returns the mean of
+    ``c`` (Hutchinson's diagonal estimator, Bekas et al. 2007) with elementwise standard errors.
+    """
+    _check_trace_arguments(max_iter, rse, tol)
+    generator = resolve_generator(generator)
+    history: list = []
+    deflation, pilot, used = _deflation_for(op, deflate, rse, max_iter, min_probes,
+                                            max_deflation_steps, generator, history, callback)
+    tally = _Tally(deflation, groups, diagonal)
+    prev, rule = 0.0, None
+    while tally.n < max_iter and rule is None:
+        if pilot is not None:  # the pilot probes are reused: their products are known
+            (Z, AZ), pilot = pilot, None
+        else:
+            Z = rademacher((min(block_size, max_iter - tally.n), op.dim), generator, op.device)
+            AZ = apply(op, Z)
+            used += Z.shape[0]
+        for c in tally.contributions(Z, AZ):
+            if tally.n == max_iter:
+                break
+            tally.add(c)
+            emit(history, callback, Step(used, (tally.mean,), (tally.stderr,),
+                                         "standard error", "probes"))
+            rule = _stopping_rule(tally, rse, tol, min_probes, prev)
+            if rule is not None:
+                break
+            prev = tally.mean
+    info = None if deflation is None else deflation.summary("auto" if deflate == "auto"
+                                                             else "fixed")
+    return TraceResult(
+        trace=tally.mean, stderr=tally.stderr, samples=tally.samples, num_matvecs=used,
+        converged=rule is not None, method="hutchinson" if deflation is None
+        else "deflated hutchinson", stopping_rule=rule or "budget", history=history,
+        deflation=info, group_samples=tally.group_samples(),
+        diagonal=tally.diagonal_result(used) if diagonal else None)
+
+
+def _check_trace_arguments(max_iter, rse, tol) -> None:
+    if max_iter < 1:
+        raise ValueError("max_iter must be at least 1")
+    if rse is None and tol is None:
+        raise ValueError("give a stopping rule: rse (relative standard error) or tol")
+
+
+def _deflation_for(op, deflate, rse, max_iter, min_probes, max_steps, generator, history,
+                   callback):
+    """(KrylovDeflation or None, pilot probes (Z, AZ) or None, products used)."""
+    if deflate == 0:
+        return None, None, 0
+    if not (deflate == "auto" or (isinstance(deflate, int) and deflate > 0)):
+        raise ValueError(f"deflate must be 0, a positive int or 'auto', got {deflate!r}")
+    pilot, used = None, 0
+    if deflate == "auto":
+        if rse is None:
+            raise ValueError("deflate='auto' chooses the subspace for a target rse; pass rse")
+        Z = rademacher((min(8, max_iter, max(min_probes, 1)), op.dim), generator, op.device)
+        pilot, used = (Z, apply(op, Z)), Z.shape[0]
+    steps = max_steps if deflate == "auto" else int(deflate)
+    deflation = _lanczos_deflation(op, generator, min(steps, op.dim), deflate == "auto", rse,
+                                   min_probes, pilot, history, callback)
+    return deflation, pilot, used + deflation.num_matvecs
+
+
+def _stopping_rule(tally, rse, tol, min_probes, prev) -> str | None:
+    """The rule that fired after the latest probe, in words, or None."""
+    if rse is not None:
+        if tally.n >= min_probes and tally.stderr <= rse * abs(tally.mean):
+            return f"relative standard error <= {rse:g}"
+        return None
+    if abs(tally.mean - prev) / (abs(prev) + 1e-6) < tol:
+        return f"relative change < {tol:g}"
+    return None
+
+
+class _Tally:
+    """The probes' contributions ``c = (Pz) * (A P z) + diag(A Q^T Q)`` (dim,): their sums (the
+    samples), their shares per group, and Welford's running mean and squared deviations of c."""
+
+    def __init__(self, deflation, groups, diagonal):
+        self.deflation = deflation
+        self.base = deflation.diagonal() if deflation is not None else None
+        self.groups = list(groups) if groups is not None else None
+        self.diagonal = diagonal
+        self.samples, self.rows = [], []
+        self.mean_c = self.m2_c = None
+
+    @property
+    def n(self) -> int:
+        return len(self.samples)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.samples) / len(self.samples)
+
+    @property
+    def stderr(self) -> float:
+        return standard_error(self.samples)
+
+    def contributions(self, Z, AZ):
+        if self.deflation is not None:
+            Z, AZ = self.deflation.project(Z, AZ)
+        return Z * AZ if self.base is None else Z * AZ + self.base
+
+    def add(self, c) -> None:
+        self.samples.append(float(c.sum()))
+        if self.groups is not None:
+            self.rows.append(torch.stack([c[g].sum() for g in self.groups]))
+        if self.diagonal:
+            if self.mean_c is None:
+                self.mean_c, self.m2_c = c.clone(), torch.zeros_like(c)
+            else:
+                delta = c - self.mean_c
+                self.mean_c += delta / self.n
+                self.m2_c += delta * (c - self.mean_c)
+
+    def group_samples(self):
+        return torch.stack(self.rows) if self.groups is not None else None
+
+    def diagonal_result(self, used) -> DiagonalResult:
+        n = self.n
+        if n > 1:
+            se = (self.m2_c.clamp(min=0) / (n - 1) / n).sqrt()
+        else:
+            se = torch.full_like(self.mean_c, math.nan)
+        return DiagonalResult(diagonal=self.mean_c, stderr=se, num_probes=n, num_matvecs=used)
+
+
+def hutchpp_trace(op: LinearOperator, num_matvecs: int, *,
+                  generator: torch.Generator | None = None,
+                  callback: Callback | None = None) -> TraceResult:
+    """Hutch++ with a fixed budget of ``num_matvecs`` products (>= 3).
+
+    s = num_matvecs // 3 Rademacher sketch vectors S; Q = orth(A S) (dim x s);
+    tr(A) = tr(Q^T A Q) + (1/g) sum_j z_j^T P A P z_j with P = I - Q Q^T and
+    g = num_matvecs - 2 s Rademacher probes z_j. Exact when rank(A) <= s. ``samples`` are the
+    g per-probe estimates tr(Q^T A Q) + z_j^T P A P z_j; the error bar is their standard error.
+    A fixed budget is not a convergence test: ``converged`` is False.
+    """
+    if num_matvecs < 3:
+        raise ValueError("Hutch++ needs a budget of at least 3 matrix-vector products")
+    generator = resolve_generator(generator)
+    s = min(num_matvecs // 3, op.dim)
+    g = num_matvecs - 2 * s
+    S = rademacher((s, op.dim), generator, op.device)
+    Y = apply(op, S)
+    Qt = torch.linalg.qr(Y.T, mode="reduced")[0].T.contiguous()   # (s, dim), orthonormal rows
+    AQ = apply(op, Qt)
+    low_rank = float((AQ * Qt).sum())
+    Z = rademacher((g, op.dim), generator, op.device)
+    Z = Z - (Z @ Qt.T) @ Qt
+    AZ = apply(op, Z)
+    samples = (low_rank + (AZ * Z).sum(dim=1)).tolist()   # z = P z: z^T A z = z^T P A P z
+    history: list = []
+    for j in range(len(samples)):
+        emit(history, callback, Step(2 * s + j + 1, (sum(samples[: j + 1]) / (j + 1),),
+                                     (standard_error(samples[: j + 1]),), "standard error",
+                                     "probes", max_matvecs=num_matvecs))
+    return TraceResult(trace=sum(samples) / len(samples), stderr=standard_error(samples),
+                       samples=samples, num_matvecs=2 * s + g, converged=False,
+                       method="hutchpp", stopping_rule="budget", history=history,
+                       deflation={"dimension": s, "exact_part": low_rank,
+                                  "num_matvecs": 2 * s, "chosen": "fixed"})
