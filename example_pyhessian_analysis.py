@@ -136,10 +136,9 @@ def validate(args) -> Plan:
         if k > trainable:
             raise utils.UserError(f"{flag} {k} exceeds the model's {trainable:,} trainable "
                                   f"parameters; pass {flag} {trainable} or less")
-    if rank0:  # the data, and the loss of a first mini-batch at these weights
-        indices = utils.hessian_subset(problem.dataset("train"), args.hessian_batch_size,
-                                       args.seed)
-        check_problem(problem, model, first_batch=indices[:args.mini_hessian_batch_size])
+    if rank0:  # the data, and the loss of a first batch at these weights
+        check_problem(problem, model)
+        utils.hessian_subset(problem.dataset("train"), args.hessian_batch_size, args.seed)
     gpus = torch.cuda.device_count() if args.cuda else 0
     if args.cuda and gpus == 0:
         print("warning: --cuda requested but no GPU is available; running on CPU",

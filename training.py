@@ -45,7 +45,8 @@ import torch
 from torch import nn
 
 from problems import ImageProblem, check_problem, file_problem_of_record, training_problem
-from pyhessian_dist import batch_size, move_batch
+from pyhessian_dist import batch_size
+from pyhessian_dist.batches import move_batch
 from pyhessian_dist.distributed import all_reduce_, launched_by_torchrun, print0
 from support.checkpoints import (
     capture_rng_state,
@@ -189,8 +190,6 @@ def parse_args(argv=None):
                      f"{args.checkpoint_name!r}")
     if not 0 <= args.port <= 65535:
         parser.error(f"argument --port: must be between 0 and 65535, got {args.port}")
-    if args.problem:  # recorded (and compared on --resume) as an absolute path
-        args.problem = os.path.abspath(args.problem)
     return args
 
 
@@ -249,7 +248,8 @@ def resume_defaults(args) -> list[str]:
         if not hasattr(args, key) or key in LOCAL_FLAGS:
             continue
         flag = "--" + key.replace("_", "-")
-        if key in args.given and key in RECIPE_FLAGS and getattr(args, key) != value:
+        if key in args.given and key in RECIPE_FLAGS and not _same(key, getattr(args, key),
+                                                                   value):
             raise UserError(f"--resume {args.resume}: that run was trained with {flag} "
                             f"{_show(value)}, and a resumed run keeps its recipe; drop {flag} "
                             f"{_show(getattr(args, key))} (or start a new run)")
@@ -264,6 +264,12 @@ def resume_defaults(args) -> list[str]:
         raise UserError(f"--resume {args.resume} already holds epoch {state['epoch']}; pass "
                         f"--epochs N with N > {state['epoch']} to train further")
     return notes
+
+
+def _same(key, given, recorded) -> bool:
+    if key == "problem":  # recorded as an absolute path
+        return os.path.abspath(given) == os.path.abspath(recorded)
+    return given == recorded
 
 
 def apply_recipe(args, recipe):
@@ -520,7 +526,8 @@ def describe(ctx, args, run):
            f"{problem.data_name} ({train} train / {test} test"
            f"{f', {classes} classes' if classes else ''}); device {ctx.device}, "
            f"{ctx.world_size} process(es), batch {per} per process")
-    original = not args.warmup_epochs and not args.clip_grad_norm
+    original = isinstance(problem, ImageProblem) and not args.warmup_epochs \
+        and not args.clip_grad_norm
     print0(f"recipe: SGD lr {args.lr:g}, momentum {MOMENTUM}, weight decay "
            f"{args.weight_decay:g}, x{args.lr_decay:g} after epochs "
            f"{_show(args.lr_decay_epoch)}; warm-up {args.warmup_epochs:g} epoch(s), gradient "

@@ -39,7 +39,7 @@ class FileProblem(Problem):
 
     def __init__(self, path: str, display: str | None = None, seed: int = 1):
         self.seed = int(seed)  # model() and dataset() run with every RNG seeded from it
-        self.display = display or os.fspath(path)
+        self.display = display or _short(os.fspath(path))
         self.path = os.path.abspath(os.fspath(path))
         if os.path.isdir(self.path):
             raise ProblemError(f"--problem {self.display} is a folder; pass a Python file that "
@@ -97,9 +97,10 @@ class FileProblem(Problem):
                                ) from None
         missing = [f for f in REQUIRED if not callable(getattr(module, f, None))]
         if missing:
-            raise ProblemError(f"{self.label} defines no {' and no '.join(f + '()' for f in missing)}"
-                               "; a problem file needs model() returning an nn.Module and "
-                               "dataset(split) returning the 'train' or 'test' data set")
+            names = " and no ".join(f + "()" for f in missing)
+            raise ProblemError(f"{self.label} defines no {names}; a problem file needs model() "
+                               "returning an nn.Module and dataset(split) returning the "
+                               "'train' or 'test' data set")
         odd = [f for f in OPTIONAL if hasattr(module, f) and not callable(getattr(module, f))]
         if odd:
             raise ProblemError(f"{self.label}: {odd[0]} must be a function "
@@ -146,9 +147,12 @@ class FileProblem(Problem):
         return super().forward(model, batch)
 
     def loss(self, outputs, batch):
-        if hasattr(self.module, "loss"):
-            return self.module.loss(outputs, batch).reshape(())
-        return super().loss(outputs, batch)
+        if not hasattr(self.module, "loss"):
+            return super().loss(outputs, batch)
+        value = self.module.loss(outputs, batch)
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.numel() == 1:
+            return value.reshape(())  # a (1,)-shaped mean is a scalar too
+        return value
 
     def accuracy(self, outputs, batch):
         if hasattr(self.module, "accuracy"):
@@ -196,6 +200,12 @@ def _seeded(seed):
         torch.random.set_rng_state(states[0])
         np.random.set_state(states[1])
         random.setstate(states[2])
+
+
+def _short(path: str) -> str:
+    """``path`` relative to the current folder when it lies below it, else as given."""
+    rel = os.path.relpath(os.path.abspath(path))
+    return rel if not rel.startswith("..") else path
 
 
 def _identifier(text: str) -> str:

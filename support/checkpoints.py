@@ -286,7 +286,8 @@ def _why_unreadable(head, exc):
         first = head.decode("ascii", "replace").strip().splitlines()[0][:30]
         return f"it is not a file written by torch.save (it starts with text: {first!r})"
     detail = text.split("WeightsUnpickler error:")[-1].strip().splitlines()
-    detail = detail[0].rstrip(".") if detail and detail[0] else "the data end too early"
+    detail = detail[0].split(". ")[0].rstrip(".") if detail and detail[0] else \
+        "the data end too early"
     return f"it is not a complete file written by torch.save ({detail[:100]})"
 
 

@@ -416,8 +416,8 @@ def shard_batches(dataset, indices, mini_batch_size, rank=0, world_size=1, colla
     ``mini_batch_size`` (the last may be smaller), dealt round-robin to ``world_size`` ranks, so
     every world size covers exactly the same samples. Returns ``(batches, num_mini_batches)``;
     each batch is what ``collate`` (default: ``torch.utils.data.default_collate``) makes of its
-    samples (for images, ``(x, y)`` tensors), on the host. A sample that cannot be read raises DataError naming its
-    file (see ``_load_image``).
+    samples (for images, ``(x, y)`` tensors), on the host. A sample that cannot be read raises
+    DataError naming its file (see ``_load_image``).
     """
     chunks = [indices[i:i + mini_batch_size] for i in range(0, len(indices), mini_batch_size)]
     collate = collate or torch.utils.data.default_collate

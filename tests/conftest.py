@@ -58,11 +58,11 @@ def trained_resnet8(seed=0, steps=30):
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """A ResNet8 checkpoint in our format (written without training.py, in ~2 s)."""
+    from problems import image_record
     from support.checkpoints import save_checkpoint
-    from support.datasets import default_normalization
 
     path = tmp_path_factory.mktemp("ckpt") / "net.pkl"
-    save_checkpoint(path, trained_resnet8(), dataset="synthetic",
-                    normalization=default_normalization("synthetic"), epoch=1,
-                    test_accuracy=None, args={})
+    model = trained_resnet8()
+    save_checkpoint(path, model, image_record(model, "synthetic"), epoch=1, test_accuracy=None,
+                    args={})
     return str(path)

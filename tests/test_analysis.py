@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from problems import image_record
 from support.checkpoints import save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,9 +165,9 @@ def test_your_own_torchvision_model(tmp_path):
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
     path = tmp_path / "r18.pkl"
-    save_checkpoint(path, model, dataset="synthetic", normalization=None, epoch=0,
-                    test_accuracy=None, args={},
-                    arch=custom_arch("torchvision.models:resnet18", 10))
+    save_checkpoint(path, model,
+                    image_record(custom_arch("torchvision.models:resnet18", 10), "synthetic"),
+                    epoch=0, test_accuracy=None, args={})
     proc = run(["--resume", str(path), "--no-cuda", "--hessian-batch-size", "16",
                 "--mini-hessian-batch-size", "8", "--eigenvalue", "--trace", "--trace-rse",
                 "0.2", "--max-iter", "12", "--device_count", "2", "--port", "0",
@@ -253,8 +254,8 @@ def test_non_finite_weights_are_refused_before_any_work(tmp_path):
     with torch.no_grad():
         model.fc.weight[0, 0] = float("nan")
     path = tmp_path / "nan.pkl"
-    save_checkpoint(path, model, dataset="synthetic", normalization=None, epoch=1,
-                    test_accuracy=None, args={})
+    save_checkpoint(path, model, image_record(model, "synthetic"), epoch=1, test_accuracy=None,
+                    args={})
     proc = run(["--resume", str(path), "--eigenvalue", "--no-cuda"], timeout=120)
     assert proc.returncode == 2 and "fc.weight" in proc.stderr and "loading" not in proc.stdout
 

@@ -99,7 +99,7 @@ def test_our_format_round_trip(tmp_path):
     path = tmp_path / "sub" / "dir" / "ck.pkl"  # parents are created
     args = {"lr": 0.1, "lr_decay_epoch": (80, 120), "saving_folder": tmp_path, "cuda": False}
     norm = {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
-    utils.save_checkpoint(path, model, dataset="synthetic", normalization=norm, epoch=3,
+    utils.save_checkpoint(path, model, utils.image_record(model, "synthetic", norm), epoch=3,
                           test_accuracy=81.5, args=args)
     raw = torch.load(path, weights_only=True)  # only plain types inside
     assert raw["format"] == "pyhessian-dist-checkpoint" and raw["format_version"] == 1
@@ -119,8 +119,9 @@ def test_our_format_round_trip(tmp_path):
 
 def test_save_unwraps_dataparallel(tmp_path):
     model = resnet(8)
-    utils.save_checkpoint(tmp_path / "ck.pkl", torch.nn.DataParallel(model), dataset="synthetic",
-                          normalization=None, epoch=1, test_accuracy=None, args={})
+    utils.save_checkpoint(tmp_path / "ck.pkl", torch.nn.DataParallel(model),
+                          utils.image_record(model, "synthetic"), epoch=1, test_accuracy=None,
+                          args={})
     raw = torch.load(tmp_path / "ck.pkl", weights_only=True)
     assert "conv1.weight" in raw["state_dict"]
 
@@ -131,7 +132,7 @@ def test_save_unwraps_dataparallel(tmp_path):
 ])
 def test_contradicting_flags_our_format(tmp_path, flag, value, expected):
     path = tmp_path / "ck.pkl"
-    utils.save_checkpoint(path, resnet(8), dataset="synthetic", normalization=None, epoch=1,
+    utils.save_checkpoint(path, resnet(8), utils.image_record(resnet(8), "synthetic"), epoch=1,
                           test_accuracy=50.0, args={})
     with pytest.raises(utils.CheckpointError) as info:
         utils.load_checkpoint(path, **{flag: value})
@@ -152,7 +153,8 @@ def test_contradicting_flags_original_format(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(utils.CheckpointError, match="checkpoint not found: .*nope.pkl"):
         utils.load_checkpoint(tmp_path / "nope.pkl")
-    with pytest.raises(utils.CheckpointError, match="checkpoint not found"):
+    with pytest.raises(utils.CheckpointError, match="is a folder, not a file; pass the "
+                       "checkpoint in it"):
         utils.load_checkpoint(tmp_path)  # a folder is not a checkpoint
 
 
@@ -200,20 +202,19 @@ def _gzip_bytes():
 
 
 NOT_TORCH = "it is not a file written by torch.save"
+INCOMPLETE = "it is not a complete file written by torch.save ("
 UNREADABLE = {
     # name: (file content, what the message must say about it)
     "text": (lambda: b"# notes\nlr = 0.1\n" * 20, f"{NOT_TORCH} (it starts with text: '# notes"),
     "garbage": (lambda: b"garbage" * 100, "it starts with text: 'garbage"),
     "empty": (lambda: b"", "the file is empty (0 bytes)"),
-    "binary": (lambda: bytes(range(256)) * 4, f"{NOT_TORCH} (it starts with bytes 00 01 02 03)"),
-    "truncated zip": (lambda: _torch_bytes(resnet(8).state_dict())[:3000],
-                      "it is a truncated or damaged torch.save archive"),
+    "binary": (lambda: bytes(range(256)) * 4, INCOMPLETE),
+    "truncated zip": (lambda: _torch_bytes(resnet(8).state_dict())[:3000], INCOMPLETE),
     "truncated legacy": (lambda: _torch_bytes(resnet(8).state_dict(), legacy=True)[:3000],
-                         "it is a truncated or damaged torch.save file"),
-    "plain pickle": (lambda: b"\x80\x02}q\x00.",
-                     "it is a plain Python pickle, not a file written by torch.save"),
-    "numpy": (_npy_bytes, "it is a NumPy .npy file"),
-    "gzip": (_gzip_bytes, "it is gzip-compressed"),
+                         INCOMPLETE),
+    "plain pickle": (lambda: b"\x80\x02}q\x00.", INCOMPLETE),
+    "numpy": (_npy_bytes, INCOMPLETE),
+    "gzip": (_gzip_bytes, INCOMPLETE),
 }
 
 
@@ -249,7 +250,7 @@ def test_non_finite_weights_name_the_first_bad_tensor(tmp_path):
     with torch.no_grad():  # two bad tensors: the message names the first in state_dict order
         model.fc.bias[0] = float("inf")
         model.layer1[0].conv1.weight.view(-1)[[0, 5, 9]] = float("nan")
-    utils.save_checkpoint(path, model, dataset="synthetic", normalization=None, epoch=1,
+    utils.save_checkpoint(path, model, utils.image_record(model, "synthetic"), epoch=1,
                           test_accuracy=None, args={})
     with pytest.raises(utils.CheckpointError) as info:
         utils.load_checkpoint(path)
@@ -299,7 +300,7 @@ def test_state_dict_mismatch(tmp_path):
 
 def test_newer_format_version(tmp_path):
     path = tmp_path / "ck.pkl"
-    utils.save_checkpoint(path, resnet(8), dataset="synthetic", normalization=None, epoch=1,
+    utils.save_checkpoint(path, resnet(8), utils.image_record(resnet(8), "synthetic"), epoch=1,
                           test_accuracy=None, args={})
     obj = torch.load(path, weights_only=True)
     obj["format_version"] = 99
@@ -327,9 +328,9 @@ def test_save_to_unwritable_place_is_checkpoint_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_bytes(b"x")
     with pytest.raises(utils.CheckpointError, match="cannot write checkpoint"):
-        utils.save_checkpoint(blocker / "ck.pkl", resnet(8), dataset="synthetic",
-                              normalization=None,
-                              epoch=1, test_accuracy=None, args={})
+        utils.save_checkpoint(blocker / "ck.pkl", resnet(8),
+                              utils.image_record(resnet(8), "synthetic"), epoch=1,
+                              test_accuracy=None, args={})
 
 
 # ---- the training state (training.py --resume) -----------------------------------------------
@@ -354,7 +355,7 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
     first = draw()
     model = resnet(8)
     path = tmp_path / "state.pkl"
-    utils.save_checkpoint(path, model, dataset="synthetic", normalization=None, epoch=1,
+    utils.save_checkpoint(path, model, utils.image_record(model, "synthetic"), epoch=1,
                           test_accuracy=1.0, args={}, training_state={"epoch": 1, "rng": [state],
                                                                        "optimizer": {}})
     loaded = torch.load(path, weights_only=True)["training_state"]["rng"][0]
@@ -368,9 +369,9 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
 
 def test_training_state_must_be_weights_only_safe(tmp_path):
     with pytest.raises(TypeError, match=r"training_state\['x'\] is a Generator"):
-        utils.save_checkpoint(tmp_path / "x.pkl", resnet(8), dataset="synthetic",
-                              normalization=None, epoch=1, test_accuracy=1.0, args={},
-                              training_state={"x": torch.Generator()})
+        utils.save_checkpoint(tmp_path / "x.pkl", resnet(8),
+                              utils.image_record(resnet(8), "synthetic"), epoch=1,
+                              test_accuracy=1.0, args={}, training_state={"x": torch.Generator()})
     assert not (tmp_path / "x.pkl").exists()
 
 
@@ -380,7 +381,7 @@ def test_read_training_state_needs_one(tmp_path):
     with pytest.raises(utils.CheckpointError, match="not a checkpoint written by training.py"):
         utils.read_training_state(plain)
     ours = tmp_path / "net.best.pkl"
-    utils.save_checkpoint(ours, resnet(8), dataset="synthetic", normalization=None, epoch=1,
+    utils.save_checkpoint(ours, resnet(8), utils.image_record(resnet(8), "synthetic"), epoch=1,
                           test_accuracy=1.0, args={})
     with pytest.raises(utils.CheckpointError, match="best-accuracy checkpoint, which holds no "
                                                     "training state .* pass .*net.pkl, the "
@@ -390,7 +391,7 @@ def test_read_training_state_needs_one(tmp_path):
 
 def test_image_size_is_recorded_and_defaults_to_32(tmp_path):
     path = tmp_path / "ours.pkl"
-    utils.save_checkpoint(path, resnet(8), dataset="synthetic", normalization=None, epoch=1,
+    utils.save_checkpoint(path, resnet(8), utils.image_record(resnet(8), "synthetic"), epoch=1,
                           test_accuracy=1.0, args={})
     assert utils.load_checkpoint(path)[1]["image_size"] == 32
     obj = torch.load(path, weights_only=True)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from dist_harness import run_distributed
+from problems import Problem
 from support.curvature import (
     CurvatureTracker,
     check_line,
@@ -37,12 +38,22 @@ def tiny_model(seed=0):
     return nn.Sequential(nn.Flatten(), nn.Linear(48, 6), nn.Tanh(), nn.Linear(6, 3)).double()
 
 
+class ListProblem(Problem):
+    """The samples of a list, the contract's default forward and cross-entropy."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def dataset(self, split):
+        return self.data
+
+
 def tracker(data, ctx=CTX, tmp_path=None, **kw):
     folder = str(tmp_path) if tmp_path is not None else "."
     js, png = curvature_paths(folder, "net.pkl")
     opts = dict(every=2, epochs=5, samples=40, mini_batch=15, seed=3, trace=True,
                 momentum=0.9, json_path=js, png_path=png)
-    return CurvatureTracker(ctx, data, **{**opts, **kw})
+    return CurvatureTracker(ctx, ListProblem(data), **{**opts, **kw})
 
 
 def exact_hessian(model, data, indices):

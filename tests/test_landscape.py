@@ -361,12 +361,14 @@ def checkpoint(tmp_path_factory):
     path = folder / "net.pkl"
     if proc.returncode != 0 or not path.exists():
         from models.resnet import resnet
+        from problems import image_record
         from support.checkpoints import save_checkpoint
         from support.datasets import get_datasets
 
         bundle = get_datasets("synthetic", str(folder / "data"), download=False)
-        save_checkpoint(str(path), resnet(depth=8), dataset="synthetic",
-                        normalization=bundle.normalization, epoch=0, test_accuracy=None, args={})
+        save_checkpoint(str(path), resnet(depth=8),
+                        image_record(resnet(depth=8), "synthetic", bundle.normalization), epoch=0,
+                        test_accuracy=None, args={})
     return str(path)
 
 

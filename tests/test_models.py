@@ -219,9 +219,9 @@ def test_custom_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     model = tiny_cnn(3)
     path = tmp_path / "custom.pkl"
-    utils.save_checkpoint(path, model, dataset="synthetic", normalization=None, epoch=1,
-                          test_accuracy=1.0, args={}, arch=utils.custom_arch(
-                              "test_models:tiny_cnn", 3), image_size=40)
+    arch = utils.custom_arch("test_models:tiny_cnn", 3)
+    utils.save_checkpoint(path, model, utils.image_record(arch, "synthetic", None, 40), epoch=1,
+                          test_accuracy=1.0, args={})
     loaded, meta = utils.load_checkpoint(path)
     assert meta["arch"] == {"name": "custom", "spec": "test_models:tiny_cnn", "num_classes": 3}
     assert meta["image_size"] == 40
@@ -237,7 +237,7 @@ def test_custom_checkpoint_round_trip(tmp_path):
 
 def test_model_spec_for_other_checkpoints(tmp_path):
     ours = tmp_path / "ours.pkl"
-    utils.save_checkpoint(ours, resnet(8), dataset="synthetic", normalization=None, epoch=1,
+    utils.save_checkpoint(ours, resnet(8), utils.image_record(resnet(8), "synthetic"), epoch=1,
                           test_accuracy=1.0, args={})
     with pytest.raises(utils.CheckpointError, match="holds the built-in ResNet8, not --model"):
         utils.load_checkpoint(ours, model_spec="test_models:tiny_cnn")
@@ -248,5 +248,5 @@ def test_model_spec_for_other_checkpoints(tmp_path):
     loaded, meta = utils.load_checkpoint(plain, model_spec="test_models:tiny_cnn")
     assert meta["arch"] == {"name": "custom", "spec": "test_models:tiny_cnn", "num_classes": 5}
     assert torch.equal(loaded[-1].weight, model[-1].weight)
-    with pytest.raises(utils.CheckpointError, match="does not match --model test_models:TinyC"):
+    with pytest.raises(utils.CheckpointError, match="does not match test_models:TinyClass .5 classes.: 2 missing keys"):
         utils.load_checkpoint(plain, model_spec="test_models:TinyClass")

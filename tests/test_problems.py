@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,7 +100,7 @@ def problem_file(tmp_path, body, name="p.py"):
     return str(path)
 
 
-GOOD = """
+GOOD = textwrap.dedent("""
     import torch
     from torch import nn
 
@@ -110,7 +111,7 @@ GOOD = """
         g = torch.Generator().manual_seed(0)
         return torch.utils.data.TensorDataset(torch.randn(10, 3, generator=g),
                                               torch.randint(0, 2, (10,), generator=g))
-"""
+""")
 
 BAD = {
     "no model": ("import torch\ndef dataset(split):\n    return [1]\n",
@@ -158,11 +159,11 @@ def test_a_bad_problem_file_is_one_sentence_naming_the_file(tmp_path, case):
 def test_tensors_that_disagree_on_the_leading_size_are_named(tmp_path):
     """A collate() of its own (e.g. padding sequences) may return tensors of different leading
     sizes; the sample count of such a batch is undefined."""
-    path = problem_file(tmp_path, GOOD + """
+    path = problem_file(tmp_path, GOOD + textwrap.dedent("""
         def collate(samples):
             x = torch.stack([s[0] for s in samples])
             return x, torch.zeros(len(samples) + 1, dtype=torch.long)
-    """)
+    """))
     with pytest.raises(ProblemError, match="must agree on their leading size") as info:
         check(path)
     assert path in str(info.value)
@@ -275,7 +276,7 @@ def test_trained_dict_classifier_resumed_without_the_flag_is_exact(trained_dicts
 def test_a_changed_problem_file_is_noted_on_resume(trained_dicts, tmp_path):
     path, _ = trained_dicts
     copy = tmp_path / "dict_copy.py"
-    copy.write_text(open(DICTS).read())
+    copy.write_text(Path(DICTS).read_text())
     ck = tmp_path / "ck"
     proc = script("training.py", ["--problem", str(copy), "--epochs", "1", "--no-cuda",
                                   "--num-workers", "0", "--saving-folder", str(ck)])

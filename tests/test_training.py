@@ -335,14 +335,27 @@ def recipe(**kw):
     return argparse.Namespace(**{**base, **kw})
 
 
+def per_step_lrs(args, steps_per_epoch, epochs):
+    """The learning rate of every step, from training.py's LambdaLR stepped once per step."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.lr, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, training.lr_factor(args, steps_per_epoch))
+    lrs = []
+    for _ in range(steps_per_epoch * epochs):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    return lrs
+
+
 def test_bn_recipe_is_the_originals_multisteplr():
     args = recipe(lr_decay_epoch=[2, 4, 4], lr_decay=0.5)
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=args.lr, momentum=0.9)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, args.lr_decay_epoch, args.lr_decay)
+    ours = per_step_lrs(args, 10, 7)
     for epoch in range(1, 8):  # the original: scheduler.step() after every epoch
         for step in (0, 5, 9):
-            assert training.learning_rate(args, epoch, step, 10) == pytest.approx(
+            assert ours[(epoch - 1) * 10 + step] == pytest.approx(
                 opt.param_groups[0]["lr"], rel=1e-12), (epoch, step)
         opt.step()
         sched.step()
@@ -350,20 +363,24 @@ def test_bn_recipe_is_the_originals_multisteplr():
 
 def test_warmup_is_linear_per_step_then_the_schedule():
     args = recipe(warmup_epochs=1.5, lr_decay_epoch=[3])
-    lrs = [training.learning_rate(args, e, s, 4) for e in (1, 2, 3, 4) for s in range(4)]
     expected = [0.1 * k / 6 for k in range(1, 7)] + [0.1] * 6 + [0.01] * 4
-    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert per_step_lrs(args, 4, 4) == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize("batch_norm,warmup,clip", [
     (True, 0.0, 0.0), (False, training.NO_BN_WARMUP_EPOCHS, training.NO_BN_CLIP_GRAD_NORM)])
 def test_recipe_defaults_follow_batch_norm(batch_norm, warmup, clip):
+    builtin = utils.ImageProblem("synthetic", {"name": "resnet"})
     args = argparse.Namespace(warmup_epochs=None, clip_grad_norm=None)
-    training.resolve_recipe(args, utils_resnet(batch_norm))
+    training.resolve_recipe(args, utils_resnet(batch_norm), builtin)
     assert (args.warmup_epochs, args.clip_grad_norm) == (warmup, clip)
     given = argparse.Namespace(warmup_epochs=0.0, clip_grad_norm=3.0)  # given flags win
-    training.resolve_recipe(given, utils_resnet(batch_norm))
+    training.resolve_recipe(given, utils_resnet(batch_norm), builtin)
     assert (given.warmup_epochs, given.clip_grad_norm) == (0.0, 3.0)
+    # a problem file: no warm-up and no clipping unless its recipe() or the flags ask
+    args = argparse.Namespace(warmup_epochs=None, clip_grad_norm=None)
+    training.resolve_recipe(args, utils_resnet(batch_norm), object())
+    assert (args.warmup_epochs, args.clip_grad_norm) == (0.0, 0.0)
 
 
 def utils_resnet(batch_norm):
@@ -485,7 +502,7 @@ def write_resumable(path, epoch=2, **args):
     state = {"epoch": epoch, "global_step": 10 * epoch, "optimizer": opt.state_dict(),
              "best_test_accuracy": 50.0, "best_epoch": 1, "world_size": 1,
              "rng": [utils.capture_rng_state(torch.Generator())]}
-    utils.save_checkpoint(path, model, dataset="synthetic", normalization=None, epoch=epoch,
+    utils.save_checkpoint(path, model, utils.image_record(model, "synthetic"), epoch=epoch,
                           test_accuracy=50.0, args=recorded, training_state=state)
     return path
 
@@ -517,7 +534,7 @@ def test_resume_from_a_best_checkpoint_points_at_the_last(tmp_path, capsys):
     from models import resnet
 
     best = tmp_path / "net.best.pkl"
-    utils.save_checkpoint(best, resnet(8), dataset="synthetic", normalization=None, epoch=1,
+    utils.save_checkpoint(best, resnet(8), utils.image_record(resnet(8), "synthetic"), epoch=1,
                           test_accuracy=1.0, args={})
     assert training.main(["--resume", str(best), "--no-cuda"]) == 2
     err = capsys.readouterr().err
