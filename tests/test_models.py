@@ -227,7 +227,10 @@ def test_custom_checkpoint_round_trip(tmp_path):
     assert meta["image_size"] == 40
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v)
-    assert utils.load_checkpoint(path, model_spec="test_models:tiny_cnn")[0] is not None
+    again, _ = utils.load_checkpoint(path, model_spec="test_models:tiny_cnn")  # the same spec
+    x = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(again(x), model.eval()(x))
     with pytest.raises(utils.CheckpointError, match="trained with --model test_models:tiny_cnn "
                        "but --model test_models:TinyClass was given"):
         utils.load_checkpoint(path, model_spec="test_models:TinyClass")
