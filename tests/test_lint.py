@@ -1,4 +1,6 @@
-"""The tree passes ruff with the project's configuration (pyproject.toml)."""
+"""The tree passes ruff with the project's configuration (pyproject.toml), and only the library
+is installed."""
+import json
 import os
 import shutil
 import subprocess
@@ -18,3 +20,18 @@ def test_ruff_is_clean():
     except FileNotFoundError:
         pytest.fail("ruff is not installed: pip install -r requirements.txt")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]
+
+
+def test_only_the_library_is_installed(tmp_path):
+    """`pip install -e .` puts pyhessian_dist (and its subpackages) in site-packages, nothing
+    else: the scripts' module names (utils, models, support, ...) would shadow a user's own."""
+    names = ["pyhessian_dist", "pyhessian_dist.operators", "utils", "models", "support",
+             "analyses", "problems", "bench", "training", "density_plot"]
+    code = ("import importlib.util, json; print(json.dumps({n: importlib.util.find_spec(n) "
+            f"is not None for n in {names!r}}}))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, env={k: v for k, v in os.environ.items()
+                                          if k != "PYTHONPATH"})
+    found = json.loads(proc.stdout)
+    assert found["pyhessian_dist"] and found["pyhessian_dist.operators"]
+    assert not any(found[n] for n in names[2:]), found

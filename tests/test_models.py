@@ -251,5 +251,6 @@ def test_model_spec_for_other_checkpoints(tmp_path):
     loaded, meta = utils.load_checkpoint(plain, model_spec="test_models:tiny_cnn")
     assert meta["arch"] == {"name": "custom", "spec": "test_models:tiny_cnn", "num_classes": 5}
     assert torch.equal(loaded[-1].weight, model[-1].weight)
-    with pytest.raises(utils.CheckpointError, match="does not match test_models:TinyClass .5 classes.: 2 missing keys"):
+    with pytest.raises(utils.CheckpointError,
+                       match="does not match test_models:TinyClass .5 classes.: 2 missing keys"):
         utils.load_checkpoint(plain, model_spec="test_models:TinyClass")
