@@ -6,10 +6,10 @@ random direction (Gaussian, the same on every rank; optionally filter-normalised
 al. 2018, "Visualizing the Loss Landscape of Neural Nets") and the normalised gradient. 2d:
 also the grid theta + a v1 + b v2 over [-R, R]^2, drawn as contours.
 
-The loss is the operator's ``criterion`` (the one whose Hessian was analysed: mean
-cross-entropy in the script), so the curves and the eigenvalues describe one function.
-Accuracy is recorded when the model's output is (n, C) logits and the targets class indices,
-else None.
+The loss is the operator's (the problem's ``forward`` and ``loss``: the one whose Hessian was
+analysed), so the curves and the eigenvalues describe one function.
+Accuracy is the problem's ``accuracy(outputs, batch)`` (argmax against integer labels for the
+built-in classifier), recorded when the problem defines one, else None.
 
 Distributed like the operator: each rank evaluates its own shard, sums n_b * loss_b and the
 correct counts, and ONE all-reduce of a (points, 3) float64 buffer per direction (per grid)
@@ -87,7 +87,7 @@ class LandscapeResult:
                "curvature_check": self.curvature_check,
                "num_evaluations": self.num_evaluations, "num_samples": self.num_samples,
                "seconds": self.seconds,
-               "loss": "the operator's criterion (mean cross-entropy in the script)"}
+               "loss": "the mean loss whose Hessian was analysed (results.json data.loss)"}
         if self.grid is not None:
             out["lambda_2"] = self.eigenvalues[1]
             out["grid"] = self.grid
@@ -137,6 +137,7 @@ class Landscape(Analysis):
     def run(self, ctx):
         t0 = time.perf_counter()
         a, op = ctx.args, ctx.op
+        accuracy = ctx.problem.accuracy if ctx.problem is not None else None
         eig = ctx.results["eigenvalue"]
         V = eig.eigenvectors.to(op.device, torch.float64)
         lams = [float(x) for x in eig.eigenvalues]
@@ -164,7 +165,7 @@ class Landscape(Analysis):
         count = 0
         curves = []
         for name, d, extra in directions:
-            loss, acc = evaluate(op, (x * d for x in offsets))
+            loss, acc = evaluate(op, (x * d for x in offsets), accuracy)
             count += P
             curves.append({"name": name, "loss": loss, "accuracy": acc,
                            "slope": torch.dot(g, d).item(), **extra})
@@ -179,7 +180,8 @@ class Landscape(Analysis):
 
         grid = None
         if a.landscape == "2d":
-            loss, acc = evaluate(op, (x * V[0] + y * V[1] for x in offsets for y in offsets))
+            loss, acc = evaluate(op, (x * V[0] + y * V[1] for x in offsets for y in offsets),
+                                 accuracy)
             count += P * P
             grid = {"loss": [loss[i * P:(i + 1) * P] for i in range(P)],
                     "accuracy": None if acc is None else
@@ -286,20 +288,16 @@ def _moved_parameters(op):
             p.data.copy_(s)
 
 
-def _is_classification(out, y) -> bool:
-    return (isinstance(out, torch.Tensor) and isinstance(y, torch.Tensor) and out.dim() == 2
-            and y.dim() == 1 and not y.is_floating_point() and len(y) == len(out))
-
-
-def _local_sums(op) -> torch.Tensor:
-    """[sum n_b loss_b, correct, samples counted for accuracy] over this rank's shard."""
+def _local_sums(op, accuracy=None) -> torch.Tensor:
+    """[sum n_b loss_b, sum n_b accuracy_b, samples counted for accuracy] over this rank's
+    shard; ``accuracy(outputs, batch)`` is the problem's (a fraction, or None)."""
     s = torch.zeros(3, dtype=torch.float64, device=op.device)
     for batch, n in op.local_batches():
         out = op.forward_fn(op.model, batch)
         s[0] += op.loss_fn(out, batch).to(torch.float64) * n
-        y = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
-        if _is_classification(out, y):
-            s[1] += (out.argmax(dim=1) == y).sum()
+        fraction = accuracy(out, batch) if accuracy is not None else None
+        if fraction is not None:
+            s[1] += float(fraction) * n
             s[2] += n
     return s
 
@@ -346,16 +344,17 @@ def kinked_ops(op) -> list[str]:
     return [n for n, f in zip(names, flags.tolist()) if f > 0]
 
 
-def evaluate(op, displacements) -> tuple[list, list | None]:
+def evaluate(op, displacements, accuracy=None) -> tuple[list, list | None]:
     """Mean loss and accuracy over every rank's samples at theta + delta, for each delta of
     ``displacements`` (flat float64 vectors, the same on every rank): ONE all-reduce of a
-    (len, 3) buffer for all of them. Accuracy is None unless every sample is classified
-    ((n, C) logits, integer targets). The parameters are restored exactly afterwards."""
+    (len, 3) buffer for all of them. Accuracy is the mean of ``accuracy(outputs, batch)``
+    (the problem's) weighted by the batches' sample counts, or None unless every batch has one.
+    The parameters are restored exactly afterwards."""
     rows = []
     with torch.no_grad(), _moved_parameters(op) as (theta, put):
         for delta in displacements:
             put(theta + delta)
-            rows.append(_local_sums(op))
+            rows.append(_local_sums(op, accuracy))
     buf = torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
     all_reduce_(buf, op.comm)
     buf = buf.cpu()

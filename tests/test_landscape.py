@@ -19,6 +19,7 @@ from analyses.base import Context
 from analyses.eigenvalues import TopEigenvalues
 from analyses.landscape import Landscape, filter_normalized, plot_landscape
 from dist_harness import run_distributed
+from problems import Problem
 from pyhessian_dist import HessianOperator
 from support.errors import UserError
 from support.outputs import RunOutputs
@@ -39,7 +40,8 @@ def setup(model, criterion, batches, rank=0, world_size=1, **kw):
     """An operator and a Context on it with the top eigenpairs computed (as the script does)."""
     op = HessianOperator(model, criterion, batches)
     ctx = Context(args=make_args(**kw), op=op, model=model,
-                  worker=types.SimpleNamespace(rank=rank, world_size=world_size))
+                  worker=types.SimpleNamespace(rank=rank, world_size=world_size),
+                  problem=Problem())  # the contract's default accuracy: argmax vs labels
     ctx.results["eigenvalue"] = TopEigenvalues().run(ctx)
     return op, ctx
 
