@@ -449,8 +449,9 @@ def test_resume_continues_exactly(tmp_path, capsys, small_synthetic):
         assert_same_tensors(sa["optimizer"]["state"][i], sb["optimizer"]["state"][i], "momentum")
     assert torch.equal(sa["rng"][0]["torch"], sb["rng"][0]["torch"])
     assert torch.equal(sa["rng"][0]["loader"], sb["rng"][0]["loader"])
-    assert (sa["best_epoch"], sa["best_test_accuracy"]) == (sb["best_epoch"],
-                                                            sb["best_test_accuracy"])
+    assert (sa["best_epoch"], sa["best_score"], sa["best_by"]) == (
+        sb["best_epoch"], sb["best_score"], sb["best_by"])
+    assert sa["schedule"] == sb["schedule"]  # the LambdaLR's position
     assert load_raw(straight / "net.best.pkl")["epoch"] == sa["best_epoch"]
     # the curvature file continued: checks after epochs 2 and 3, the same numbers
     import json
@@ -589,7 +590,7 @@ def test_torchvision_model_end_to_end(tmp_path, capsys):
                         "--saving-folder", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "--model torchvision.models:resnet18 (ResNet), 11,181,642 parameters" in out
+    assert "torchvision.models:resnet18 (10 classes), 11,181,642 parameters" in out
     model, meta = utils.load_checkpoint(tmp_path / "net.pkl")
     import torchvision
 
