@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 import pyhessian_dist
+from problems import load_checkpoint
 from pyhessian_dist import HessianOperator, hutchinson_trace, lanczos_eigenpairs
 from pyhessian_dist.results import json_safe
-from support.checkpoints import load_checkpoint
 from support.datasets import get_datasets, hessian_subset, shard_batches
 from support.files import atomic_write_bytes
 

@@ -18,8 +18,8 @@ import time
 import torch
 from torch import nn
 
+from problems import load_checkpoint
 from pyhessian_dist import HessianOperator, lanczos_eigenpairs
-from support.checkpoints import load_checkpoint
 from support.datasets import SyntheticCIFAR, get_datasets, hessian_subset, shard_batches
 
 

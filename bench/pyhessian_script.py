@@ -21,7 +21,7 @@ import time
 import torch
 from torch import nn
 
-from support.checkpoints import load_checkpoint
+from problems import load_checkpoint
 from support.datasets import get_datasets, hessian_subset, shard_batches
 
 
