@@ -271,6 +271,8 @@ def lanczos_group_eigenpairs(op: LinearOperator, groups: Sequence, k: int = 1, *
     on the group's coordinates.
     """
     _check_which(which)
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be at least 1, got {max_steps}")
     generator = resolve_generator(generator)
     eigens = []
     for g in groups:
