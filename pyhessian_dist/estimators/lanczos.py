@@ -44,7 +44,8 @@ class Lanczos:
         self._basis = torch.zeros(min(self.max_steps, 8), self.n, dtype=F64, device=device)
         self.alpha = torch.zeros(self.max_steps, dtype=F64, device=device)
         self.beta = torch.zeros(self.max_steps, dtype=F64, device=device)
-        self._q = v0.to(F64) / v0.to(F64).norm()
+        v0 = v0.to(F64)
+        self._q = v0 / v0.norm()
         self.w = None
         self.m = 0
         self.broken = False
