@@ -142,6 +142,41 @@ def test_group_lanczos_matches_eigvalsh_of_each_diagonal_block():
     assert results[1].num_matvecs == 1  # a one-coordinate block is exact after one product
 
 
+def test_group_runs_store_their_basis_at_their_own_size_and_share_one_call(monkeypatch):
+    """A group's Lanczos basis is (steps, group size), never (steps, dim); the groups still
+    iterating share one operator call per step."""
+    import pyhessian_dist.estimators.lanczos as lanczos_module
+
+    runs = []
+
+    class Recorded(lanczos_module.Lanczos):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            runs.append(self)
+
+    monkeypatch.setattr(lanczos_module, "Lanczos", Recorded)
+    dim = 200
+    A = random_sym(dim, seed=12)
+    calls = []
+
+    def product(V):
+        calls.append(V.shape[0])
+        return V @ A
+
+    groups = [slice(0, 5), torch.arange(5, 25), slice(25, dim)]
+    results = lanczos_group_eigenpairs(CallableOperator(product, dim, batched=True), groups,
+                                       k=1, tol=1e-10, max_steps=30, generator=gen(0))
+    for run, n, res in zip(runs, (5, 20, 175), results):
+        assert run.n == n and run.Q.shape == (res.num_matvecs, n)
+        assert run.Q.untyped_storage().nbytes() <= 30 * n * 8  # the whole buffer, float64
+        assert res.eigenvectors.shape == (1, n)
+    small = results[0]  # a block spanned in full after 5 steps: its top eigenvalue exactly
+    assert small.num_matvecs == 5 and small.converged
+    assert small.eigenvalues[0] == pytest.approx(torch.linalg.eigvalsh(A[:5, :5])[-1].item())
+    assert len(calls) == max(r.num_matvecs for r in results)  # one call per step
+    assert sum(calls) == sum(r.num_matvecs for r in results)
+
+
 # ----------------------------------------------------------------------------- power
 def test_power_iteration_top3_distinct_and_correct():
     eigs = [10.0, 6.0, 3.0] + [0.3 * math.sin(i) for i in range(47)]

@@ -12,7 +12,7 @@ from pyhessian_dist import (
     slq_density,
 )
 from pyhessian_dist.groups import parameter_groups
-from tiny import SIZES, make, split_uneven
+from tiny import SIZES, dense_hessian, make, split_uneven
 
 CE = nn.CrossEntropyLoss()
 
@@ -99,3 +99,38 @@ def fail_on_rank_one(rank, world_size):
 def test_harness_reports_worker_exceptions():
     with pytest.raises(RuntimeError, match="injected failure"):
         run_distributed(fail_on_rank_one, 2, timeout=60)
+
+
+# ------------------------------------------------------------- generic batches, any world size
+def dict_products(rank, world_size):
+    """Dict batches dealt to all ranks but the last (which holds only an empty batch when
+    world_size > 1); H applied to a fixed block through forward=/loss=."""
+    model, x, y = make("cnn")
+    parts = split_uneven(x, y, SIZES)
+    batches = [{"image": bx, "label": by} for bx, by in parts]
+    holders = max(world_size - 1, 1)
+    if rank < holders:
+        mine = [b for i, b in enumerate(batches) if i % holders == rank]
+    else:  # no samples at all: one empty batch
+        mine = [{"image": x[:0], "label": y[:0]}]
+    op = HessianOperator(model, batches=mine, forward=lambda m, b: m(b["image"]),
+                         loss=lambda out, b: CE(out, b["label"]))
+    V = torch.linspace(-1, 1, 2 * op.dim, dtype=torch.float64).reshape(2, op.dim)
+    return {"HV": op.matvec(V).tolist(), "local": op.local_num_samples, "n": op.num_samples,
+            "loss": op.loss()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_dict_batches_exact_on_any_world_size(world_size):
+    model, x, y = make("cnn")
+    H = dense_hessian(model, CE, x, y)
+    V = torch.linspace(-1, 1, 2 * H.shape[0], dtype=torch.float64).reshape(2, -1)
+    results = run_distributed(dict_products, world_size)
+    locals_ = [r["local"] for r in results]
+    assert sum(locals_) == 23 and (world_size == 1 or locals_[-1] == 0)
+    for r in results:
+        assert r["n"] == 23
+        assert r["loss"] == pytest.approx(CE(model.eval()(x), y).item(), rel=1e-12)
+        torch.testing.assert_close(torch.tensor(r["HV"], dtype=torch.float64), V @ H,
+                                   rtol=1e-6, atol=1e-10)

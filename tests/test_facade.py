@@ -102,8 +102,13 @@ def test_global_rng_by_default_and_reproducible_with_seed():
     assert first != second  # repeated calls draw new probes, as PyHessian's do
     torch.manual_seed(0)
     assert h.trace(maxIter=5, tol=0.0) == first  # ... from torch's global RNG
-    s, _ = build(seed=3)
-    assert s.trace(maxIter=5, tol=0.0) == s.trace(maxIter=5, tol=0.0)
+    s, H = build(seed=3)
+    g = torch.Generator().manual_seed(3)  # seed=3: every call starts from this generator
+    Z = torch.cat([torch.randint(0, 2, (1, H.shape[0]), generator=g) for _ in range(5)])
+    Z = Z.to(F64) * 2 - 1  # the five Rademacher probes, drawn one per product
+    exact = [float(z @ H @ z) for z in Z]
+    for _call in range(2):  # the same exact numbers on every call
+        assert s.trace(maxIter=5, tol=0.0) == pytest.approx(exact, rel=1e-9, abs=1e-12)
 
 
 def test_single_batch_gradsH_and_pyhessian_helpers():
@@ -179,3 +184,17 @@ def test_bad_arguments():
         h.trace(method="magic")
     with pytest.raises(ValueError, match="group_by"):
         h.trace(per_layer=True, group_by="magic")
+
+
+def test_a_torch_dataloader_with_extra_fields_works_as_before():
+    """DataLoader batches are lists [x, y, index]: the criterion still sees (outputs, y)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, x, y = make("mlp")
+    H = dense_hessian(model, CE, x, y)
+    loader = DataLoader(TensorDataset(x, y, torch.arange(len(y))), batch_size=7)
+    h = hessian(model, CE, dataloader=loader, cuda=False)
+    assert h.operator.batch_sizes == [7, 7, 7, 2]
+    v = [torch.randn_like(p) for p in h.params]
+    _vHv, THv = h.dataloader_hv_product(v)
+    torch.testing.assert_close(flat(THv), H @ flat(v), rtol=1e-6, atol=1e-10)

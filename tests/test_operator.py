@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from pyhessian_dist import HessianOperator
+from pyhessian_dist import HessianOperator, ModelOperator
 from tiny import SIZES, dense_hessian, make, split_uneven
 
 CE = nn.CrossEntropyLoss()
@@ -162,3 +162,23 @@ def test_parameter_slices_and_groups_cover_the_vector():
         for g in groups:
             covered[g.index] += 1
         assert (covered == 1).all()
+
+
+def test_model_operator_subclass_supplies_only_its_per_batch_product():
+    """The base weights, sums and all-reduces; a subclass gives w_b M_b V. With M_b = (b + 1) I
+    the operator is (sum_b n_b (b + 1) / N) I."""
+
+    class Scaled(ModelOperator):
+        def _batch_matmat(self, b, V):
+            return self.weights[b] * (b + 1) * V
+
+    model, x, y = make("mlp")
+    op = Scaled(model, CE, split_uneven(x, y, SIZES))
+    V = torch.randn(2, op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    scale = sum(n * (b + 1) for b, n in enumerate(SIZES)) / sum(SIZES)
+    torch.testing.assert_close(op.matvec(V), scale * V)
+    assert op.stats()["allreduce_calls"] == 0 and op.num_matvecs == 2  # one process
+    grads = torch.autograd.grad(CE(model(x), y), list(model.parameters()))
+    torch.testing.assert_close(op.gradient(), torch.cat([g.reshape(-1) for g in grads]))
+    with pytest.raises(NotImplementedError):
+        ModelOperator(model, CE, [(x, y)]).matvec(V[0])

@@ -44,7 +44,8 @@ class Lanczos:
         self._basis = torch.zeros(min(self.max_steps, 8), self.n, dtype=F64, device=device)
         self.alpha = torch.zeros(self.max_steps, dtype=F64, device=device)
         self.beta = torch.zeros(self.max_steps, dtype=F64, device=device)
-        self._q = v0.to(F64) / v0.to(F64).norm()
+        v0 = v0.to(F64)
+        self._q = v0 / v0.norm()
         self.w = None
         self.m = 0
         self.broken = False
@@ -73,6 +74,19 @@ class Lanczos:
             off = self.beta[: m - 1]
             T = T + torch.diag(off, 1) + torch.diag(off, -1)
         return T
+
+    def products(self) -> torch.Tensor:
+        """Rows ``A q_j`` (m, n) from the Lanczos relation, without operator products:
+        ``A q_j = beta_{j-1} q_{j-1} + alpha_j q_j + beta_j q_{j+1}``, the last row ending in
+        the residual ``w`` instead of ``beta_m q_{m+1}`` (``A Q^T = Q^T T_m + w e_m^T``)."""
+        m, Q = self.m, self.Q
+        AQ = self.alpha[:m, None] * Q
+        if m > 1:
+            off = self.beta[: m - 1, None]
+            AQ[:-1] += off * Q[1:]
+            AQ[1:] += off * Q[:-1]
+        AQ[-1] += self.w
+        return AQ
 
     def next_vector(self) -> torch.Tensor:
         """q_{m+1} (n,): the normalised residual, or after a breakdown a random unit vector
@@ -206,11 +220,11 @@ class _Eigen:
         return step
 
     def result(self) -> EigenResult:
-        """Eigenpairs on the run's coordinates; ``products`` = ``A y_i`` from the Lanczos
-        relation, ``A Y^T = Q^T S_k diag(theta) + w S_k[m-1]``, without extra products."""
+        """Eigenpairs ``y_i = Q^T S[:, i]`` on the run's coordinates; ``products`` = ``A y_i``
+        from the Lanczos relation (``Lanczos.products``), without extra products."""
         vals, rho, bounds, S_k = self._ritz
         Y = S_k.T @ self.run.Q
-        products = Y * vals[:, None] + S_k[-1][:, None] * self.run.w[None, :]
+        products = S_k.T @ self.run.products()
         return EigenResult(eigenvalues=vals.tolist(), eigenvectors=Y, num_matvecs=self.run.m,
                            converged=self.converged, method="lanczos", which=self.which,
                            residuals=(rho / vals.abs().clamp(min=1e-300)).tolist(),
@@ -271,6 +285,8 @@ def lanczos_group_eigenpairs(op: LinearOperator, groups: Sequence, k: int = 1, *
     on the group's coordinates.
     """
     _check_which(which)
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be at least 1, got {max_steps}")
     generator = resolve_generator(generator)
     eigens = []
     for g in groups:

@@ -16,7 +16,7 @@ import torch
 
 from ..operators import LinearOperator
 from ..results import Callback, DiagonalResult, Step, TraceResult
-from ._common import F64, apply, emit, rademacher, resolve_generator, standard_error
+from ._common import apply, emit, rademacher, resolve_generator, standard_error
 from .lanczos import Lanczos, lanczos_step
 
 __all__ = ["KrylovDeflation", "hutchinson_trace", "hutchpp_trace"]
@@ -62,16 +62,15 @@ def _lanczos_deflation(op, generator, steps, auto, rse, min_probes, pilot, histo
     bound of the Rademacher variance / 2). F_m and T come from the ``pilot`` probes (Z, AZ),
     projected on the complement of the Krylov space: E ||P A P z||^2 = ||P A P||_F^2, and
     tr(Q^T A Q) + (Pz)^T A (Pz) is the deflated sample. It stops three steps past the smallest
-    predicted cost and keeps the whole basis (more deflation never raises the variance)."""
+    predicted cost and keeps the whole basis (more deflation never raises the variance).
+    ``AQ`` comes from the Lanczos relation (``Lanczos.products``), without extra products."""
     run = Lanczos(rademacher((op.dim,), generator, op.device), steps, generator)
     best = None
-    AQ = torch.zeros(run.max_steps, op.dim, dtype=F64, device=op.device)
     while not run.done:
         lanczos_step(op, [run])
         m, q = run.m, run.Q
-        _lanczos_products(AQ, q, run.alpha, run.beta, run.w, m)
         if auto and pilot is not None:
-            defl = KrylovDeflation(Q=q, AQ=AQ[:m], num_matvecs=m)
+            defl = KrylovDeflation(Q=q, AQ=run.products(), num_matvecs=m)
             PZ, APZ = defl.project(*pilot)
             PAPZ = APZ - (APZ @ q.T) @ q
             frob_left = float((PAPZ ** 2).sum(dim=1).mean())
@@ -84,18 +83,7 @@ def _lanczos_deflation(op, generator, steps, auto, rse, min_probes, pilot, histo
         if best is not None and m >= best[0] + 3:
             break  # three steps past the predicted optimum
     # the steps past the optimum are paid for: deflating them only helps
-    return KrylovDeflation(Q=run.Q.clone(), AQ=AQ[: run.m].clone(), num_matvecs=run.m)
-
-
-def _lanczos_products(AQ, q, a, b, w, m) -> None:
-    """Rows j = m-2 and m-1 of ``AQ`` (rows ``A q_j``) after Lanczos step m, from the Lanczos
-    relation ``A q_j = beta_{j-1} q_{j-1} + alpha_j q_j + beta_j q_{j+1}``, the last row ending
-    in the residual ``w`` instead of ``beta_j q_{j+1}``."""
-    if m >= 2:
-        AQ[m - 2] = a[m - 2] * q[m - 2] + b[m - 2] * q[m - 1]
-        if m >= 3:
-            AQ[m - 2] += b[m - 3] * q[m - 3]
-    AQ[m - 1] = a[m - 1] * q[m - 1] + w + (b[m - 2] * q[m - 2] if m >= 2 else 0.0)
+    return KrylovDeflation(Q=run.Q.clone(), AQ=run.products(), num_matvecs=run.m)
 
 
 def hutchinson_trace(op: LinearOperator, *, max_iter: int = 100, tol: float | None = 1e-3,

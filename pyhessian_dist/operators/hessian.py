@@ -89,6 +89,7 @@ class HessianOperator(ModelOperator):
             raise ValueError(f"hvp_mode must be one of {HVP_MODES}, got {hvp_mode!r}")
         if reuse_graph not in (True, False, "auto"):
             raise ValueError(f"reuse_graph must be True, False or 'auto', got {reuse_graph!r}")
+        # set before ModelOperator.__init__, whose first-order pass calls _loss_and_gradient
         self.hvp_mode = hvp_mode
         self.vectorize = vectorize
         self._reuse_request = reuse_graph

@@ -85,8 +85,18 @@ class ModelOperator(LinearOperator):
     Vectors are flat 1-D tensors of size ``dim`` (or ``(k, dim)`` blocks: ``k`` products at
     once) in the parameters' dtype on ``device``. Parameters with ``requires_grad=False`` are
     left out. Construction runs the first-order pass: ``loss()`` and ``gradient()`` of L over
-    every rank's data (one all-reduce). ``forward_fn`` and ``loss_fn`` are the callables in use;
-    ``local_batches()`` yields this rank's mini-batches on the device with their sizes.
+    every rank's data (one all-reduce; ``FloatingPointError`` on a non-finite loss).
+    ``forward_fn`` and ``loss_fn`` are the callables in use; ``local_batches()`` yields this
+    rank's mini-batches on the device with their sizes.
+
+    A product is ``M V = sum_ranks sum_b w_b M_b V`` (V: ``(k, dim)``): ``_matmat`` sums this
+    rank's ``_batch_matmat(b, V) = w_b M_b V`` (``_local_matmat``) and all-reduces the
+    ``(k, dim)`` result once. A subclass implements ``_batch_matmat``; it may override
+    ``_loss_and_gradient(b)`` to keep what the first-order pass computes (set what that needs
+    before calling ``ModelOperator.__init__``, which runs the pass), ``_describe_kept()`` and
+    ``stats()``. Its helpers: ``_batch(b)`` (mini-batch b on the device), ``weights[b]``
+    (n_b / N), ``batch_sizes[b]``, ``_weighted_loss(b)`` (w_b L_b), ``_grad(loss,
+    create_graph)`` (flat gradient), ``flatten``, ``params``.
     """
 
     def __init__(self, model: nn.Module, criterion: Callable | None = None,
