@@ -27,9 +27,10 @@ from torch import nn
 
 import pyhessian_dist
 import utils
-from analyses import REGISTRY, Context, selected
+from analyses import REGISTRY, Context, ModelFacts, selected
 from pyhessian_dist import HessianOperator
 from pyhessian_dist.distributed import launched_by_torchrun, print0
+from pyhessian_dist.groups import GROUPINGS
 
 
 # ---------------------------------------------------------------------------- command line
@@ -54,12 +55,16 @@ def parse_args(argv=None):
     # the analyses: each adds its flag and options (analyses/)
     for analysis in REGISTRY:
         analysis.add_arguments(p)
-    # ours
+    # ours, shared by the analyses
     p.add_argument("--max-iter", type=utils.positive_int, default=100,
                    help="most products: per eigenvalue (power), in all (lanczos), probes (trace)")
     p.add_argument("--tol", type=utils.positive_float, default=1e-3,
                    help="relative tolerance: eigenvalue error bound (lanczos), relative change "
                         "(power; trace with --trace-rse 0)")
+    p.add_argument("--group-by", choices=GROUPINGS, default="module",
+                   help="parameter groups of --per-layer and of --diagonal's summary: each "
+                        "module with parameters, each stage (stem, residual stages, head), or "
+                        "each parameter tensor")
     p.add_argument("--port", type=int, default=29500,
                    help="TCP port of rank 0 for spawned workers; 0 picks a free one")
     p.add_argument("--backend", choices=("auto", "nccl", "gloo"), default="auto",
@@ -112,18 +117,23 @@ def load_model(args, device="cpu"):
                                  model_spec=args.model)
 
 
+def output_files() -> tuple:
+    """The files --output-dir manages: the run's own and every registered analysis's (also of
+    those that do not run now, so that their files of an earlier run are removed)."""
+    return utils.RUN_FILES + tuple(f for a in REGISTRY for f in a.files)
+
+
 def validate(args) -> Plan:
     """Everything checkable before a worker starts; raises UserError (one line, exit 2)."""
-    for analysis in selected(args):
-        analysis.check(args)
-    earlier = utils.check_output_dir(args.output_dir)
+    analyses = selected(args)
+    for analysis in analyses:
+        analysis.check(args, analyses)
+    earlier = utils.check_output_dir(args.output_dir, output_files())
     model, meta = load_model(args)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    for flag, k in (("--top-n", args.top_n if args.eigenvalue else 0),
-                    ("--bottom-n", args.bottom_n)):
-        if k > trainable:
-            raise utils.UserError(f"{flag} {k} exceeds the model's {trainable:,} trainable "
-                                  f"parameters; pass {flag} {trainable} or less")
+    facts = ModelFacts(num_trainable=sum(p.numel() for p in model.parameters()
+                                         if p.requires_grad))
+    for analysis in analyses:
+        analysis.check_model(args, analyses, facts)
     if not launched_by_torchrun() or os.environ.get("RANK") == "0":
         bundle = bundle_for(args, meta, download=True)
         utils.hessian_subset(bundle.train_eval, args.hessian_batch_size, args.seed)
@@ -198,7 +208,8 @@ def worker(ctx, args, plan):
                       "num_trainable": op.dim, "checkpoint": {k: meta.get(k) for k in (
                           "path", "source", "dataset", "epoch", "test_accuracy")}}
         record = utils.run_record(args, ctx, op, model_info, data, analyses, actx, t_start)
-        written, removed, warnings = utils.write_outputs(args, record, analyses, actx)
+        written, removed, warnings = utils.write_outputs(args, record, analyses, actx,
+                                                         output_files())
         ctx.committed()
         for line in warnings:
             print0(line)
