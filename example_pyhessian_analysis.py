@@ -117,18 +117,12 @@ def load_model(args, device="cpu"):
                                  model_spec=args.model)
 
 
-def output_files() -> tuple:
-    """The files --output-dir manages: the run's own and every registered analysis's (also of
-    those that do not run now, so that their files of an earlier run are removed)."""
-    return utils.RUN_FILES + tuple(f for a in REGISTRY for f in a.files)
-
-
 def validate(args) -> Plan:
     """Everything checkable before a worker starts; raises UserError (one line, exit 2)."""
     analyses = selected(args)
     for analysis in analyses:
         analysis.check(args, analyses)
-    earlier = utils.check_output_dir(args.output_dir, output_files())
+    earlier = utils.check_output_dir(args.output_dir, utils.output_files(REGISTRY))
     model, meta = load_model(args)
     facts = ModelFacts(num_trainable=sum(p.numel() for p in model.parameters()
                                          if p.requires_grad))
@@ -209,7 +203,7 @@ def worker(ctx, args, plan):
                           "path", "source", "dataset", "epoch", "test_accuracy")}}
         record = utils.run_record(args, ctx, op, model_info, data, analyses, actx, t_start)
         written, removed, warnings = utils.write_outputs(args, record, analyses, actx,
-                                                         output_files())
+                                                         utils.output_files(REGISTRY))
         ctx.committed()
         for line in warnings:
             print0(line)

@@ -3,8 +3,8 @@
 ``describe_setup`` gives the lines printed before the first product (model, data, launch,
 memory); ``run_record`` builds results.json (configuration, environment, model, data, every
 analysis's results and costs); ``write_outputs`` stages results.json first, then every
-analysis's files and the convergence figure (``RUN_FILES``, the run's own files), and commits
-them as one set (see ``outputs``).
+analysis's files and the convergence figure, and commits them as one set (see ``outputs``);
+``output_files`` lists the files an output folder manages.
 """
 from __future__ import annotations
 
@@ -18,10 +18,7 @@ import pyhessian_dist
 from support.figures import plot_convergence
 from support.outputs import RunOutputs
 
-__all__ = ["RUN_FILES", "describe_device", "describe_setup", "run_record", "write_outputs"]
-
-# the files of a run besides its analyses' (those are each unit's ``files``)
-RUN_FILES = ("results.json", "convergence.png")
+__all__ = ["describe_device", "describe_setup", "output_files", "run_record", "write_outputs"]
 
 
 def describe_device(device) -> dict:
@@ -61,6 +58,17 @@ def run_record(args, worker, op, model_info, data, analyses, ctx, t_start) -> di
         "operator": op.stats(), "results": results, "costs": ctx.costs,
         "seconds_total": time.perf_counter() - t_start,
     }
+
+
+def output_files(analyses) -> tuple:
+    """The files an output folder manages, in the order a run writes them: results.json, the
+    ``files`` of ``analyses`` (every registered one: a later run removes those an earlier run
+    left), convergence.png."""
+    files = ("results.json", *(f for a in analyses for f in a.files), "convergence.png")
+    twice = sorted({f for f in files if files.count(f) > 1})
+    if twice:
+        raise ValueError(f"more than one analysis (or the run itself) writes {', '.join(twice)}")
+    return files
 
 
 def write_outputs(args, record, analyses, ctx, files) -> tuple[list[str], list[str], list[str]]:

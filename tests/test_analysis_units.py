@@ -12,6 +12,7 @@ from analyses import Analysis, Context, ModelFacts, Request, by_name, selected
 from pyhessian_dist import HessianOperator
 from support.errors import UserError
 from support.outputs import RunOutputs
+from support.report import output_files
 from tiny import SIZES, analysis_args, dense_hessian, make, split_uneven
 
 CE = nn.CrossEntropyLoss()
@@ -202,3 +203,15 @@ def test_each_unit_has_its_own_random_stream_from_seed_and_name(cnn):
     # the rule itself: the CRC-32 of the name continued from --seed (stable across processes)
     expected = torch.Generator().manual_seed(zlib.crc32(b"trace", 1))
     assert draws["trace"] == torch.randn(4, generator=expected).tolist()
+
+
+def test_the_output_folder_manages_the_runs_and_every_units_files():
+    assert output_files(analyses.REGISTRY) == (
+        "results.json", "eigenvectors.pt", "per_layer.png", "hessian_diagonal.pt",
+        "example.pdf", "example.png", "landscape.png", "landscape.pdf", "convergence.png")
+
+    class Clash(Analysis):
+        name, files = "clash", ("example.png", "clash.png")
+
+    with pytest.raises(ValueError, match="more than one analysis .* writes example.png$"):
+        output_files([*analyses.REGISTRY, Clash()])

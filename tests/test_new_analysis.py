@@ -95,7 +95,7 @@ def test_flag_run_summary_json_figure_and_stale_file(registered, checkpoint, tmp
     assert script.main([*argv, "--eigenvalue", "--max-iter", "4"]) == 0
     text = capsys.readouterr().out
     assert f"output: {out} (at the end this run's files replace the earlier run's " \
-           "results.json, convergence.png, rayleigh.png)" in text
+           "results.json, rayleigh.png, convergence.png)" in text
     assert "removed rayleigh.png of an earlier run" in text
     assert sorted(os.listdir(out)) == ["convergence.png", "results.json"]
 
