@@ -13,9 +13,9 @@ As a script, from the results.json files an analysis wrote (or their folders)::
 
 The first redraws one run's ESD; the second prints a table and draws one figure (compare.pdf
 and compare.png) of what the analysis units contribute from each run's results.json (their
-``compare_columns`` / ``compare_cells`` and ``compare_panel`` / ``compare_item``): today the
-top eigenvalue and the trace columns, and the overlaid ESDs, the top eigenvalues and the traces
-with error bars.
+``compare_columns`` / ``compare_cells`` and ``compare_panel`` / ``compare_item``): from the
+built-in units, the lambda_1 and trace columns, and the overlaid ESDs, the top eigenvalues and
+the traces with error bars.
 """
 from __future__ import annotations
 

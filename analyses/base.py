@@ -13,7 +13,8 @@ they run). What a unit declares (each optional but ``name``, ``flag`` and ``run`
 * ``files``: the files it may write into ``--output-dir`` (staged, committed together with
   results.json, removed when a later run does not write them);
 * ``add_arguments(parser)`` / ``add_options(parser)``: its flag and options (shared ones such
-  as ``--max-iter``, ``--tol``, ``--group-by`` are the script's);
+  as ``--max-iter``, ``--tol``, ``--group-by`` are the script's); ``requested(args)`` when its
+  flag is not a plain switch;
 * ``check(args, selection)``: its options' combinations and the requests it cannot serve, and
   ``check_model(args, selection, model)``: what needs the model (``ModelFacts``); both raise
   ``UserError`` (the script prints one ``error:`` line before any worker starts);
