@@ -146,7 +146,8 @@ class Landscape(Analysis):
         theta_norm = op.parameters_vector().to(torch.float64).norm().item()
         radius, rule = choose_radius(a.landscape_radius, lams[0], theta_norm)
         P = a.landscape_points
-        offsets = [radius * (i - P // 2) / (P // 2) for i in range(P)]  # symmetric, 0 exact
+        # symmetric, 0 and the ends +-R exact: the fraction first, then the scale
+        offsets = [radius * ((i - P // 2) / (P // 2)) for i in range(P)]
         g = op.gradient().to(torch.float64)
 
         directions = [("top eigenvector", V[0], {})]
