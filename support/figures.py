@@ -558,7 +558,8 @@ def compare_figure(panels, labels, title=None):
     panels = sorted(panels, key=lambda p: p[0].per_run)  # stable: the units' order otherwise
     colors = [f"C{i % 10}" for i in range(len(labels))]
     widths = [p.width for p, _ in panels]
-    fig = _pyplot().figure(figsize=(3.14 * sum(widths), 5.0))
+    # 13.5 inches for the ESD (2.3) and two per-run panels (1 each); more panels, wider
+    fig = _pyplot().figure(figsize=(13.5 * sum(widths) / 4.3, 5.0))
     grid = fig.add_gridspec(1, len(panels), width_ratios=widths)
     with _closed_on_error(fig):
         long = max(len(s) for s in labels) > 8 or len(labels) > 3
