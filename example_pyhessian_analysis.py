@@ -29,10 +29,11 @@ import torch
 
 import pyhessian_dist
 import utils
-from analyses import REGISTRY, Context, selected
+from analyses import REGISTRY, Context, ModelFacts, selected
 from problems import BUILTIN_FLAGS, analysis_problem, build_model, check_problem
 from pyhessian_dist import HessianOperator
 from pyhessian_dist.distributed import launched_by_torchrun, print0
+from pyhessian_dist.groups import GROUPINGS
 
 
 # ---------------------------------------------------------------------------- command line
@@ -60,12 +61,16 @@ def parse_args(argv=None):
     # the analyses: each adds its flag and options (analyses/)
     for analysis in REGISTRY:
         analysis.add_arguments(p)
-    # ours
+    # ours, shared by the analyses
     p.add_argument("--max-iter", type=utils.positive_int, default=100,
                    help="most products: per eigenvalue (power), in all (lanczos), probes (trace)")
     p.add_argument("--tol", type=utils.positive_float, default=1e-3,
                    help="relative tolerance: eigenvalue error bound (lanczos), relative change "
                         "(power; trace with --trace-rse 0)")
+    p.add_argument("--group-by", choices=GROUPINGS, default="module",
+                   help="parameter groups of --per-layer and of --diagonal's summary: each "
+                        "module with parameters, each stage (stem, residual stages, head), or "
+                        "each parameter tensor")
     p.add_argument("--port", type=int, default=29500,
                    help="TCP port of rank 0 for spawned workers; 0 picks a free one")
     p.add_argument("--backend", choices=("auto", "nccl", "gloo"), default="auto",
@@ -123,19 +128,18 @@ def load_problem(args, download=False):
 
 def validate(args) -> Plan:
     """Everything checkable before a worker starts; raises UserError (one line, exit 2)."""
-    for analysis in selected(args):
-        analysis.check(args)
-    earlier = utils.check_output_dir(args.output_dir)
+    analyses = selected(args)
+    for analysis in analyses:
+        analysis.check(args, analyses)
+    earlier = utils.check_output_dir(args.output_dir, utils.output_files(REGISTRY))
     rank0 = not launched_by_torchrun() or os.environ.get("RANK") == "0"
     problem, model, meta, notes = load_problem(args, download=rank0)
     for line in notes:
         print(line, file=sys.stderr)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    for flag, k in (("--top-n", args.top_n if args.eigenvalue else 0),
-                    ("--bottom-n", args.bottom_n)):
-        if k > trainable:
-            raise utils.UserError(f"{flag} {k} exceeds the model's {trainable:,} trainable "
-                                  f"parameters; pass {flag} {trainable} or less")
+    facts = ModelFacts(num_trainable=sum(p.numel() for p in model.parameters()
+                                         if p.requires_grad))
+    for analysis in analyses:
+        analysis.check_model(args, analyses, facts)
     if rank0:  # the data, and the loss of a first batch at these weights
         check_problem(problem, model)
         utils.hessian_subset(problem.dataset("train"), args.hessian_batch_size, args.seed)
@@ -229,7 +233,8 @@ def worker(ctx, args, plan):
                       "checkpoint": {k: meta.get(k) for k in (
                           "path", "source", "epoch", "test_accuracy")}}
         record = utils.run_record(args, ctx, op, model_info, data, analyses, actx, t_start)
-        written, removed, warnings = utils.write_outputs(args, record, analyses, actx)
+        written, removed, warnings = utils.write_outputs(args, record, analyses, actx,
+                                                         utils.output_files(REGISTRY))
         ctx.committed()
         for line in warnings:
             print0(line)

@@ -18,6 +18,8 @@ lives in small modules, one job each (each module's ``__all__`` is what it expor
 * ``support.outputs``     -- the output folder: checked at start-up, one run's files together;
 * ``support.report``      -- what rank 0 prints about the set-up and writes;
 * ``support.curvature``   -- curvature during training (``training.py --hessian-every``);
+* ``support.figures``     -- every figure (ESD, convergence, per layer, landscape, curvature,
+  comparison).
 * ``problems``            -- what is analysed or trained: the built-in image classifier or a
   problem file (``--problem``), and ``load_checkpoint`` (a checkpoint's model).
 """
@@ -31,14 +33,15 @@ from support.curvature import *  # noqa: F403
 from support.datasets import *  # noqa: F403
 from support.datasets import _synthetic_arrays  # noqa: F401 - tests clear its cache
 from support.errors import *  # noqa: F403
+from support.figures import *  # noqa: F403
 from support.files import *  # noqa: F403
 from support.launch import *  # noqa: F403
 from support.models import *  # noqa: F403
 from support.outputs import *  # noqa: F403
 from support.report import *  # noqa: F403
 
-_MODULES = ("checkpoints", "cli", "curvature", "datasets", "errors", "files", "launch", "models",
-            "outputs", "report")
+_MODULES = ("checkpoints", "cli", "curvature", "datasets", "errors", "figures", "files", "launch",
+            "models", "outputs", "report")
 __all__ = sorted({name for module in _MODULES
                   for name in importlib.import_module(f"support.{module}").__all__}
                  | set(problems.__all__))

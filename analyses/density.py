@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pyhessian_dist import slq_density
 from support.cli import positive_int
+from support.figures import SpectrumOverlay, density_generate, get_esd_plot
 
 from .base import Analysis
 
@@ -11,7 +12,8 @@ class Density(Analysis):
     name = "density"
     flag = "--density"
     help = "estimate the eigenvalue spectral density (ESD)"
-    seed_offset = 3
+    files = ("example.pdf", "example.png")
+    compare_panel = SpectrumOverlay()
 
     def add_options(self, p):
         p.add_argument("--lanczos-iter", type=positive_int, default=100,
@@ -50,10 +52,15 @@ class Density(Analysis):
         return out
 
     def write(self, r, ctx, outputs):
-        from density_plot import get_esd_plot
-
         outputs.write(("example.pdf", "example.png"),
                       lambda pdf, png: get_esd_plot(r.nodes, r.weights, pdf, png_path=png))
+
+    def compare_item(self, entry, results):
+        """The run's smoothed ESD (ValueError on malformed nodes and weights) and its
+        lambda_1, marked when the run computed it."""
+        density, grids = density_generate(entry["nodes"], entry["weights"])
+        top = (results.get("eigenvalue") or {}).get("eigenvalues") or [None]
+        return density, grids, top[0]
 
 
 def spectral_mass(r, relative_delta: float = 1e-3) -> dict:

@@ -1,11 +1,11 @@
 """The Hessian diagonal (``--diagonal``): Hutchinson's estimate mean(z * Hz) from the trace's
-probes, with a per-layer summary, saved as hessian_diagonal.pt."""
+probes (asked of the trace unit), with a summary per ``--group-by`` group, saved as
+hessian_diagonal.pt."""
 from __future__ import annotations
 
 import torch
 
 from .base import Analysis
-from .trace import check_uses_trace_probes
 
 
 class Diagonal(Analysis):
@@ -14,9 +14,10 @@ class Diagonal(Analysis):
     help = ("estimate the Hessian diagonal (from the trace's probes) and save it as "
             "hessian_diagonal.pt")
     requires = ("trace",)
+    files = ("hessian_diagonal.pt",)
 
-    def check(self, args):
-        check_uses_trace_probes(self.flag, args)
+    def requests(self, args):
+        return [self.ask("trace", "diagonal")]
 
     def run(self, ctx):
         return ctx.results["trace"].diagonal

@@ -1,6 +1,7 @@
-"""Eigenvectors on disk (``--save-eigenvectors``): eigenvectors.pt with the top (and bottom)
-eigenpairs, one tensor (k, *parameter shape) per parameter name; loads with
-torch.load(weights_only=True)."""
+"""Eigenvectors on disk (``--save-eigenvectors``): eigenvectors.pt with the eigenpairs of
+whichever of the top (``--eigenvalue``, also when another unit runs it) and bottom
+(``--bottom-n``) eigenvalue units ran, one tensor (k, *parameter shape) per parameter name;
+loads with torch.load(weights_only=True)."""
 from __future__ import annotations
 
 import torch
@@ -13,16 +14,18 @@ from .base import Analysis
 class SaveEigenvectors(Analysis):
     name = "eigenvectors"
     flag = "--save-eigenvectors"
-    help = ("save the eigenvectors of --eigenvalue (and --bottom-n) to eigenvectors.pt, per "
-            "parameter (k, *shape)")
+    help = ("save the eigenvectors of --eigenvalue and/or --bottom-n (whichever runs) to "
+            "eigenvectors.pt, per parameter (k, *shape)")
+    files = ("eigenvectors.pt",)
+    works_on = ("eigenvalue", "bottom")  # whichever of them runs (they run before it)
 
-    def check(self, args):
-        if not (args.eigenvalue or args.bottom_n):
+    def check(self, args, selection):
+        if not selection.names & set(self.works_on):
             raise UserError("--save-eigenvectors saves the eigenvectors of --eigenvalue or "
                             "--bottom-n K; pass one of them")
 
     def run(self, ctx):
-        return {k: ctx.results[k] for k in ("eigenvalue", "bottom") if k in ctx.results}
+        return {k: ctx.results[k] for k in self.works_on if k in ctx.results}
 
     def summary(self, found, ctx):
         parts = [f"{len(r.eigenvalues)} {'top' if k == 'eigenvalue' else 'bottom'}"

@@ -40,11 +40,12 @@ from pyhessian_dist.distributed import all_reduce_
 from pyhessian_dist.results import json_safe
 from support.cli import positive_int
 from support.errors import UserError
+from support.figures import plot_landscape
 
 from .base import Analysis
 
 __all__ = ["Landscape", "LandscapeResult", "curvature_check", "evaluate", "filter_normalized",
-           "plot_landscape", "radius_value"]
+           "radius_value"]
 
 
 def radius_value(text):
@@ -98,10 +99,11 @@ class Landscape(Analysis):
     name = "landscape"
     flag = "--landscape"
     help = ("the loss and accuracy along the top eigenvector, a random and the gradient "
-            "direction (1d), and over the plane of the top two eigenvectors (2d); writes "
+            "direction (1d), and over the plane of the top two eigenvectors (2d: computes at "
+            "least 2 top eigenpairs, whatever --top-n); runs --eigenvalue; writes "
             "landscape.png/pdf")
     requires = ("eigenvalue",)
-    seed_offset = 12  # the random direction's generator (issue 12; 1..5 are taken)
+    files = ("landscape.png", "landscape.pdf")
 
     @staticmethod
     def add_arguments(p):
@@ -125,13 +127,14 @@ class Landscape(Analysis):
     def requested(args):
         return args.landscape is not None
 
-    @staticmethod
-    def check(args):
+    def requests(self, args):
+        return [self.ask("eigenvalue", "eigenpairs", 2 if args.landscape == "2d" else 1,
+                         by=f"--landscape {args.landscape}")]
+
+    def check(self, args, selection):
         if args.landscape_points < 3 or args.landscape_points % 2 == 0:
             raise UserError(f"--landscape-points {args.landscape_points} must be odd and at "
                             "least 3 so that offset 0 is one of the points; pass e.g. 21")
-        if args.landscape == "2d" and args.top_n < 2:
-            raise UserError("--landscape 2d needs --top-n 2 or more")
 
     # ------------------------------------------------------------------------ compute
     def run(self, ctx):
@@ -140,13 +143,12 @@ class Landscape(Analysis):
         accuracy = ctx.problem.accuracy if ctx.problem is not None else None
         eig = ctx.results["eigenvalue"]
         V = eig.eigenvectors.to(op.device, torch.float64)
-        lams = [float(x) for x in eig.eigenvalues]
-        if a.landscape == "2d" and len(V) < 2:
-            raise UserError("--landscape 2d needs --top-n 2 or more")
+        lams = [float(x) for x in eig.eigenvalues]  # as many as it asked for, or more
         theta_norm = op.parameters_vector().to(torch.float64).norm().item()
         radius, rule = choose_radius(a.landscape_radius, lams[0], theta_norm)
         P = a.landscape_points
-        offsets = [radius * (i - P // 2) / (P // 2) for i in range(P)]  # symmetric, 0 exact
+        # symmetric, 0 and the ends +-R exact: the fraction first, then the scale
+        offsets = [radius * ((i - P // 2) / (P // 2)) for i in range(P)]
         g = op.gradient().to(torch.float64)
 
         directions = [("top eigenvector", V[0], {})]
@@ -412,104 +414,3 @@ def curvature_check(op, v, lambda_1, radius) -> dict:
             "relative_difference": rel, "error_estimate": abs(D[best] - D[best + 1]),
             "candidates": [{"h": h, "second_difference": d} for h, d in zip(hs, D)],
             "loss_at_zero": L0, "num_evaluations": len(loss)}
-
-
-# ---------------------------------------------------------------------------- figure
-_COLORS = {"top eigenvector": "C0", "random": "C2", "random (filter-normalized)": "C2",
-           "gradient": "C1"}
-
-
-def plot_landscape(data, png_path, pdf_path=None):
-    """Draw a landscape (the ``results.landscape`` dict of results.json) to ``png_path`` (and
-    ``pdf_path``): loss and accuracy against the offset for each direction, with the quadratic
-    model L(0) + (g.v1) a + lambda_1 a^2 / 2 along v1 dashed; 2d: the loss contours over the
-    v1 x v2 plane beside them. Returns the paths written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from density_plot import save_figure
-
-    has_acc = any(c["accuracy"] is not None for c in data["directions"])
-    has_grid = data.get("grid") is not None
-    n = 1 + has_acc + has_grid
-    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.4), squeeze=False)
-    axes = list(axes[0])
-    try:
-        if has_grid:
-            _plot_grid(fig, axes.pop(0), data)
-        _plot_loss(axes.pop(0), data)
-        if has_acc:
-            _plot_accuracy(axes.pop(0), data)
-        fig.tight_layout()
-        paths = [save_figure(fig, png_path, dpi=130)]
-        if pdf_path:
-            paths.append(save_figure(fig, pdf_path))
-        return paths
-    finally:
-        plt.close(fig)
-
-
-def _label(name):
-    return {"top eigenvector": "top eigenvector v1",
-            "gradient": "gradient (ascent for a > 0)"}.get(name, name)
-
-
-def _plot_loss(ax, data):
-    a = data["offsets"]
-    lo = min(min(c["loss"]) for c in data["directions"])
-    hi = max(max(c["loss"]) for c in data["directions"])
-    for c in data["directions"]:
-        ax.plot(a, c["loss"], marker=".", color=_COLORS.get(c["name"]), label=_label(c["name"]))
-    v1 = data["directions"][0]
-    L0, slope, lam = data["loss_at_zero"], v1["slope"], data["lambda_1"]
-    fine = [a[0] + (a[-1] - a[0]) * i / 200 for i in range(201)]
-    ax.plot(fine, [L0 + slope * x + 0.5 * lam * x * x for x in fine], "--", color="C0",
-            alpha=0.6, label=f"quadratic model, lambda_1 = {lam:.4g}")
-    pad = 0.06 * (hi - lo) if hi > lo else 0.1 * max(abs(hi), 1e-3)
-    ax.set_ylim(lo - pad, hi + pad)  # the quadratic model may run far above the data
-    ax.axvline(0.0, color="0.8", lw=0.8, zorder=0)
-    ax.set_xlabel("offset a along a unit direction")
-    ax.set_ylabel("loss")
-    c = data["curvature_check"]
-    ax.set_title(f"loss at theta + a d\ncurvature check: 2nd difference along v1 = "
-                 f"{c['second_difference']:.4g} (h = {c['h']:.1e})", fontsize=10)
-    ax.legend(fontsize=8)
-
-
-def _plot_accuracy(ax, data):
-    a = data["offsets"]
-    for c in data["directions"]:
-        if c["accuracy"] is not None:
-            ax.plot(a, [100 * x for x in c["accuracy"]], marker=".",
-                    color=_COLORS.get(c["name"]), label=_label(c["name"]))
-    ax.axvline(0.0, color="0.8", lw=0.8, zorder=0)
-    ax.set_xlabel("offset a along a unit direction")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"accuracy on the {data['num_samples']} Hessian samples", fontsize=10)
-    ax.legend(fontsize=8)
-
-
-def _plot_grid(fig, ax, data):
-    import numpy as np
-    from matplotlib import colors
-
-    a = np.asarray(data["offsets"])
-    Z = np.asarray(data["grid"]["loss"]).T  # rows of the stored grid run along v1 (x)
-    lo, hi = float(Z.min()), float(Z.max())
-    if lo > 0 and hi / lo > 50:  # spans decades: log-spaced levels keep the basin visible
-        levels = np.geomspace(lo, hi, 25)
-        norm = colors.LogNorm(lo, hi)
-    else:
-        levels = np.linspace(lo, hi, 25) if hi > lo else 5
-        norm = None
-    filled = ax.contourf(a, a, Z, levels=levels, norm=norm, cmap="viridis")
-    ax.contour(a, a, Z, levels=filled.levels[::3], colors="white", linewidths=0.5, alpha=0.6)
-    fig.colorbar(filled, ax=ax, label="loss", format="%.3g")
-    ax.plot([0], [0], marker="+", color="red", ms=10, mew=2)
-    ax.set_xlabel("offset along v1 (top eigenvector)")
-    ax.set_ylabel("offset along v2")
-    ax.set_title(f"loss over the v1 x v2 plane\nlambda_1 = {data['lambda_1']:.4g}, "
-                 f"lambda_2 = {data['lambda_2']:.4g}", fontsize=10)
-    ax.set_aspect("equal")

@@ -6,11 +6,10 @@ from __future__ import annotations
 import math
 
 from pyhessian_dist import lanczos_group_eigenpairs
-from pyhessian_dist.groups import GROUPINGS
 from support.cli import positive_float
+from support.figures import plot_per_layer
 
 from .base import Analysis
-from .trace import check_uses_trace_probes
 
 
 class PerLayer(Analysis):
@@ -18,17 +17,14 @@ class PerLayer(Analysis):
     flag = "--per-layer"
     help = "trace and top eigenvalue of every layer's diagonal block of the Hessian"
     requires = ("trace",)
-    seed_offset = 5
+    files = ("per_layer.png",)
 
     def add_options(self, p):
-        p.add_argument("--group-by", choices=GROUPINGS, default="module",
-                       help="per-layer groups: each module with parameters, each stage (stem, "
-                            "residual stages, head), or each parameter tensor")
         p.add_argument("--per-layer-tol", type=positive_float, default=1e-2,
                        help="relative eigenvalue error bound of each block's top eigenvalue")
 
-    def check(self, args):
-        check_uses_trace_probes(self.flag, args)
+    def requests(self, args):
+        return [self.ask("trace", "group_samples")]
 
     def run(self, ctx):
         groups = ctx.groups()
@@ -72,9 +68,4 @@ class PerLayer(Analysis):
         return rows
 
     def write(self, rows, ctx, outputs):
-        def draw(path):
-            from density_plot import plot_per_layer
-
-            plot_per_layer(rows, path)
-
-        outputs.write("per_layer.png", draw)
+        outputs.write("per_layer.png", lambda path: plot_per_layer(rows, path))

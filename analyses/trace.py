@@ -1,5 +1,10 @@
 """The trace (``--trace``): Hutchinson after deflating a Krylov space (default), plain
-Hutchinson, or Hutch++; with a standard error, stopping at a relative standard error."""
+Hutchinson, or Hutch++; with a standard error, stopping at a relative standard error.
+
+Other units may ask it for what its Hutchinson probes give besides the trace, at no extra
+products: ``group_samples`` (every probe's share per ``--group-by`` group) and ``diagonal``
+(Hutchinson's estimate of diag(H)); Hutch++ cannot serve them (a UserError names the asking
+flag)."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +12,7 @@ import argparse
 from pyhessian_dist import hutchinson_trace, hutchpp_trace
 from support.cli import nonnegative_float
 from support.errors import UserError
+from support.figures import Panel, RunPoints, Series, is_number
 
 from .base import Analysis
 
@@ -24,18 +30,13 @@ def deflate_value(text):
     return value
 
 
-def check_uses_trace_probes(flag: str, args) -> None:
-    """Per-layer traces and the diagonal come from the Hutchinson probes, not Hutch++'s."""
-    if args.trace_method == "hutchpp":
-        raise UserError(f"{flag} uses the probes of the Hutchinson trace; pass --trace-method "
-                        "deflated or hutchinson, not hutchpp")
-
-
 class Trace(Analysis):
     name = "trace"
     flag = "--trace"
     help = "estimate the trace, with a standard error"
-    seed_offset = 2
+    serves = ("group_samples", "diagonal")
+    compare_columns = ("trace ± s.e. (rel.)",)
+    compare_panel = RunPoints("trace (± 1 standard error)", marker="s")
 
     def add_options(self, p):
         p.add_argument("--trace-method", choices=("deflated", "hutchinson", "hutchpp"),
@@ -51,7 +52,11 @@ class Trace(Analysis):
                        help="deflated: Lanczos steps whose Krylov space is removed exactly "
                             "('auto' chooses from 8 pilot probes and --trace-rse)")
 
-    def check(self, args):
+    def check(self, args, selection):
+        for r in selection.asked(self):  # what is asked of the trace comes from its probes
+            if args.trace_method == "hutchpp":
+                raise UserError(f"{r.by} uses the probes of the Hutchinson trace; pass "
+                                "--trace-method deflated or hutchinson, not hutchpp")
         if args.trace_method == "hutchpp" and args.max_iter < 3:
             raise UserError("--trace-method hutchpp needs --max-iter 3 or more (its product "
                             "budget)")
@@ -62,7 +67,8 @@ class Trace(Analysis):
 
     def run(self, ctx):
         a, op = ctx.args, ctx.op
-        groups = [g.index for g in ctx.groups()]
+        needs = {r.need for r in ctx.asked(self)}
+        groups = [g.index for g in ctx.groups()] if "group_samples" in needs else None
         progress = ctx.progress("trace", every=5)
         if a.trace_method == "hutchpp":
             return hutchpp_trace(op, a.max_iter, generator=ctx.generator(self),
@@ -72,7 +78,7 @@ class Trace(Analysis):
         cap = max(1, min(50, op.memory_budget_bytes // 4 // (3 * 8 * op.dim)))
         return hutchinson_trace(op, max_iter=a.max_iter, tol=a.tol, rse=a.trace_rse or None,
                                 deflate=deflate, max_deflation_steps=cap, groups=groups,
-                                diagonal=bool(getattr(a, "diagonal", False)),
+                                diagonal="diagonal" in needs,
                                 block_size=1 if not a.trace_rse else 4,
                                 generator=ctx.generator(self), callback=progress)
 
@@ -93,5 +99,37 @@ class Trace(Analysis):
     def to_json(self, r, ctx):
         out = r.to_dict()
         if r.group_samples is not None:
-            out["group_by"] = getattr(ctx.args, "group_by", "module")
+            out["group_by"] = ctx.args.group_by
         return out
+
+    def convergence(self, entry):
+        """The estimate ± its standard error against the probes (a block of probes shares
+        its products, so probes, not products, are the axis)."""
+        hist = [h for h in entry["history"] if h["label"] != "deflation"]
+        spent = (entry.get("deflation") or {}).get("num_matvecs")
+        return Panel(f"trace ({entry['method']})",
+                     "probes" + (f" (after {spent} products of deflation)" if spent else ""),
+                     "trace estimate",
+                     [Series("estimate", list(range(1, len(hist) + 1)),
+                             [h["values"][0] for h in hist],
+                             err=[h["errors"][0] or 0.0 for h in hist])])  # null: no band
+
+    def compare_cells(self, entry):
+        trace, stderr = _trace_and_stderr(entry)
+        if trace is None:
+            return ("n/a",)
+        text = f"{trace:.6g}"
+        if stderr is not None:
+            rel = f" ({100 * stderr / abs(trace):.1f}%)" if trace else ""
+            text += f" ± {stderr:.3g}{rel}"
+        return (text + ("" if entry.get("converged") is not False else " *"),)
+
+    def compare_item(self, entry, results):
+        trace, stderr = _trace_and_stderr(entry)
+        return [] if trace is None else [(trace, stderr or 0.0)]
+
+
+def _trace_and_stderr(entry) -> tuple:
+    """The trace and its standard error of a results.json entry (None where not a number)."""
+    return tuple(float(entry[k]) if is_number(entry.get(k)) else None
+                 for k in ("trace", "stderr"))

@@ -14,7 +14,9 @@ One job per module:
 * ``launch``      -- one process, spawned workers or torchrun; signals, worker failures, ports,
   device choice; ``run_main`` (one line and an exit status for every ending);
 * ``outputs``     -- the output folder: checked at start-up, one run's files committed together;
-* ``report``      -- what rank 0 prints about the set-up and writes (results.json, figures).
+* ``report``      -- what rank 0 prints about the set-up and writes (results.json, figures);
+* ``curvature``   -- curvature during training (``training.py --hessian-every``);
+* ``figures``     -- every figure the scripts draw, in one place.
 
 The scripts import these through ``utils``, the short public face at the top level.
 """

@@ -26,7 +26,6 @@ check and every epoch's loss and learning rate, atomically) and ``<name>.curvatu
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -39,11 +38,11 @@ from pyhessian_dist import HessianOperator, hutchinson_trace, lanczos_eigenpairs
 from pyhessian_dist.results import json_safe
 from support.datasets import hessian_subset, shard_batches
 from support.errors import UserError
+from support.figures import plot_curvature
 from support.files import atomic_write_bytes
 
 __all__ = ["CURVATURE_FORMAT", "LANCZOS_MAX_STEPS", "LANCZOS_TOL", "TRACE_MAX_PROBES",
-           "TRACE_RSE", "CurvatureTracker", "check_line", "curvature_paths", "load_curvature",
-           "plot_curvature"]
+           "TRACE_RSE", "CurvatureTracker", "check_line", "curvature_paths", "load_curvature"]
 
 CURVATURE_FORMAT = "pyhessian-dist-curvature"
 LANCZOS_TOL = 1e-3          # relative eigenvalue error bound of lambda_1
@@ -187,55 +186,3 @@ def check_line(r: dict) -> str:
         line += f", trace {r['trace']:.4g} ± {se:.2g} (1 s.e.)" if math.isfinite(se) else \
             f", trace {r['trace']:.4g}"
     return line + f"; {r['products']} Hessian-vector products, {r['seconds']:.1f} s"
-
-
-def plot_curvature(checks: list, epochs: list, momentum: float = 0.0) -> bytes:
-    """PNG bytes: lambda_1 (and the trace) against epoch with the 2/lr line on a log axis
-    (the edge-of-stability picture; with ``momentum`` also heavy-ball SGD's (2 + 2 momentum)/lr,
-    Cohen et al. 2021); below, the train/test loss and the learning rate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
-    ep = [c["epoch"] for c in checks]
-    top.errorbar(ep, [c["lambda_1"] for c in checks],
-                 yerr=[_finite(c["lambda_1_error_bound"]) for c in checks], marker="o", ms=4,
-                 label=r"$\lambda_1$ (top Hessian eigenvalue)")
-    if epochs:
-        lr_ep = [e["epoch"] for e in epochs]
-        top.step(lr_ep, [2.0 / e["lr"] for e in epochs], where="post", color="k", ls="--",
-                 label="2 / lr")
-        if momentum:  # heavy-ball SGD is stable on a quadratic up to (2 + 2 beta) / lr
-            top.step(lr_ep, [(2.0 + 2.0 * momentum) / e["lr"] for e in epochs], where="post",
-                     color="k", ls=":", label=f"(2 + 2·{momentum:g}) / lr (momentum)")
-    if checks and "trace" in checks[0]:
-        top.errorbar(ep, [c["trace"] for c in checks], yerr=[_finite(c["trace_stderr"])
-                     for c in checks], marker="s", ms=3, color="0.55", label="trace (± s.e.)")
-    top.set_yscale("log")
-    top.set_ylabel("curvature")
-    top.legend(fontsize=8)
-    top.grid(alpha=0.3, which="both")
-    if epochs:
-        lr_ep = [e["epoch"] for e in epochs]
-        bottom.plot(lr_ep, [e["train_loss"] for e in epochs], label="train loss")
-        bottom.plot(lr_ep, [e["test_loss"] for e in epochs], label="test loss")
-        lr_axis = bottom.twinx()
-        lr_axis.step(lr_ep, [e["lr"] for e in epochs], where="post", color="tab:red",
-                     alpha=0.6, label="learning rate")
-        lr_axis.set_yscale("log")
-        lr_axis.set_ylabel("learning rate", color="tab:red")
-        bottom.legend(fontsize=8, loc="upper right")
-    bottom.set_xlabel("epoch")
-    bottom.set_ylabel("loss (mean cross-entropy)")
-    bottom.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _finite(x):
-    return x if isinstance(x, (int, float)) and math.isfinite(x) else 0.0

@@ -1,11 +1,14 @@
 """One run's output files: checked at start-up, written together, never mixed with another run's.
 
-``check_output_dir(path)`` runs before any worker starts: the folder is created if needed and a
-file is written to it and removed (a file in its place, a read-only file system, a missing
+Both take ``files``, the names of every file the folder manages: only these are ever written,
+replaced or removed (the analysis script lists its own and every analysis unit's).
+
+``check_output_dir(path, files)`` runs before any worker starts: the folder is created if needed
+and a file is written to it and removed (a file in its place, a read-only file system, a missing
 permission: one ``UserError``). It returns the files an earlier run left there, so the script
 can say which it will replace.
 
-``RunOutputs(path)`` collects a run's files in a hidden staging folder inside ``path``:
+``RunOutputs(path, files)`` collects a run's files in a hidden staging folder inside ``path``:
 ``results.json`` first (strict JSON: NaN and inf become null), then figures and tensors, each
 through a function that may fail without losing the rest (a failed figure is a warning).
 ``commit()`` then moves every staged file into place with SIGINT/SIGTERM/SIGHUP held back, and
@@ -27,12 +30,8 @@ from pyhessian_dist.results import json_safe
 from support.errors import UserError
 from support.files import make_writable_folder
 
-__all__ = ["OUTPUT_FILES", "OutputError", "RunOutputs", "check_output_dir"]
+__all__ = ["OutputError", "RunOutputs", "check_output_dir"]
 
-# every file the analysis can write; only these are ever replaced or removed
-OUTPUT_FILES = ("results.json", "example.pdf", "example.png", "convergence.png",
-                "per_layer.png", "landscape.png", "landscape.pdf", "eigenvectors.pt",
-                "hessian_diagonal.pt")
 _STAGING_PREFIX = ".pyhessian-dist-staging-"
 
 
@@ -40,8 +39,9 @@ class OutputError(UserError):
     """--output-dir cannot hold the outputs."""
 
 
-def check_output_dir(path: str) -> list[str]:
-    """Create ``path`` if needed and prove it writable; return earlier outputs found there."""
+def check_output_dir(path: str, files) -> list[str]:
+    """Create ``path`` if needed and prove it writable; return which of ``files`` an earlier
+    run left there."""
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise OutputError(f"--output-dir {path} is a file, not a folder; pass a folder")
@@ -51,22 +51,24 @@ def check_output_dir(path: str) -> list[str]:
         reason = exc.strerror or str(exc)
         raise OutputError(f"--output-dir {path} is not writable ({reason}); pass a folder "
                           "you can write to") from None
-    return [f for f in OUTPUT_FILES if os.path.exists(os.path.join(path, f))]
+    return [f for f in files if os.path.exists(os.path.join(path, f))]
 
 
 class RunOutputs:
     """A run's files, staged in ``path`` and committed together (see the module docstring)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, files):
         self.path = os.fspath(path)
+        self.managed = tuple(files)
         os.makedirs(self.path, exist_ok=True)
         self.staging = tempfile.mkdtemp(dir=self.path, prefix=_STAGING_PREFIX)
         self.files: list[str] = []
         self.warnings: list[str] = []
 
     def _staged(self, name: str) -> str:
-        if name not in OUTPUT_FILES:
-            raise ValueError(f"{name} is not a known output file; add it to OUTPUT_FILES")
+        if name not in self.managed:
+            raise ValueError(f"{name} is not one of the output files {self.managed}; a unit "
+                             "declares the files it writes in its `files`")
         return os.path.join(self.staging, name)
 
     def write_json(self, name: str, record: dict) -> None:
@@ -97,7 +99,7 @@ class RunOutputs:
             for name in self.files:
                 os.replace(os.path.join(self.staging, name), os.path.join(self.path, name))
             removed = []
-            for name in OUTPUT_FILES:
+            for name in self.managed:
                 stale = os.path.join(self.path, name)
                 if name not in self.files and os.path.exists(stale):
                     os.unlink(stale)

@@ -3,7 +3,8 @@
 ``describe_setup`` gives the lines printed before the first product (model, data, launch,
 memory); ``run_record`` builds results.json (configuration, environment, model, data, every
 analysis's results and costs); ``write_outputs`` stages results.json first, then every
-analysis's files and the convergence figure, and commits them as one set (see ``outputs``).
+analysis's files and the convergence figure, and commits them as one set (see ``outputs``);
+``output_files`` lists the files an output folder manages.
 """
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import time
 import torch
 
 import pyhessian_dist
+from support.figures import plot_convergence
 from support.outputs import RunOutputs
 
-__all__ = ["describe_device", "describe_setup", "run_record", "write_outputs"]
+__all__ = ["describe_device", "describe_setup", "output_files", "run_record", "write_outputs"]
 
 
 def describe_device(device) -> dict:
@@ -58,21 +60,43 @@ def run_record(args, worker, op, model_info, data, analyses, ctx, t_start) -> di
     }
 
 
-def write_outputs(args, record, analyses, ctx) -> tuple[list[str], list[str], list[str]]:
-    """Stage results.json, then each analysis's files and the convergence figure, and commit
-    them together; returns (written paths, stale files removed, warnings)."""
-    with RunOutputs(args.output_dir) as out:
-        out.write_json("results.json", record)
-        for a in analyses:
-            try:
-                a.write(ctx.results[a.name], ctx, out)
-            except Exception as exc:  # noqa: BLE001 - a figure must never cost the results
-                out.warnings.append(f"warning: the {a.name} files could not be written "
-                                    f"({type(exc).__name__}: {exc}); results.json is complete")
-        if "eigenvalue" in record["results"] or "trace" in record["results"]:
-            from density_plot import plot_convergence
+def output_files(analyses) -> tuple:
+    """The files an output folder manages, in the order a run writes them: results.json, the
+    ``files`` of ``analyses`` (every registered one: a later run removes those an earlier run
+    left), convergence.png."""
+    files = ("results.json", *(f for a in analyses for f in a.files), "convergence.png")
+    twice = sorted({f for f in files if files.count(f) > 1})
+    if twice:
+        raise ValueError(f"more than one analysis (or the run itself) writes {', '.join(twice)}")
+    return files
 
-            out.write("convergence.png", lambda p: plot_convergence(record["results"], p))
+
+def write_outputs(args, record, analyses, ctx, files) -> tuple[list[str], list[str], list[str]]:
+    """Stage results.json, then each analysis's files and the convergence figure of the panels
+    the analyses contribute, and commit them together in --output-dir, which manages ``files``
+    (stale ones of an earlier run are removed); returns (written paths, stale files removed,
+    warnings)."""
+    with RunOutputs(args.output_dir, files) as out:
+        out.write_json("results.json", record)
+        panels = []
+        for a in analyses:
+            _guarded(out, f"the {a.name} files", lambda a=a: a.write(ctx.results[a.name], ctx, out))
+            panels.append(_guarded(out, f"the {a.name} convergence panel",
+                                   lambda a=a: a.convergence(record["results"][a.name])))
+        panels = [p for p in panels if p is not None]
+        if panels:
+            out.write("convergence.png", lambda p: plot_convergence(panels, p))
         written, removed = out.commit()
     return [os.path.relpath(p) if not os.path.isabs(args.output_dir) else p
             for p in written], removed, out.warnings
+
+
+def _guarded(out, what, fn):
+    """``fn()``; None and a warning line when it fails (a figure must never cost the
+    results)."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - whatever a unit's figure code raises
+        out.warnings.append(f"warning: {what} could not be written ({type(exc).__name__}: "
+                            f"{exc}); results.json is complete")
+        return None

@@ -9,14 +9,9 @@ from torch import nn
 
 from dist_harness import run_distributed
 from problems import Problem
-from support.curvature import (
-    CurvatureTracker,
-    check_line,
-    curvature_paths,
-    load_curvature,
-    plot_curvature,
-)
+from support.curvature import CurvatureTracker, check_line, curvature_paths, load_curvature
 from support.errors import UserError
+from support.figures import curvature_figure, plot_curvature
 from support.launch import WorkerContext
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -145,6 +140,33 @@ def test_plot_accepts_reloaded_records_with_nulls():
                    trace_stderr=None)]
     epochs = [dict(epoch=1, lr=0.1, train_loss=1.0, test_loss=1.2)]
     assert plot_curvature(checks, epochs)[:4] == b"\x89PNG"
+
+
+def test_the_figure_shows_lambda_1_against_two_over_lr():
+    import matplotlib.pyplot as plt
+
+    checks = [dict(epoch=1, lambda_1=30.0, lambda_1_error_bound=0.5),
+              dict(epoch=2, lambda_1=12.0, lambda_1_error_bound=None)]
+    epochs = [dict(epoch=1, lr=0.1, train_loss=2.0, test_loss=2.1),
+              dict(epoch=2, lr=0.01, train_loss=1.0, test_loss=1.3)]
+    before = plt.get_fignums()
+    fig = curvature_figure(checks, epochs, momentum=0.9)
+    try:
+        top, bottom = fig.axes[:2]
+        assert top.get_yscale() == "log"
+        lines = {ln.get_label(): ln for ln in top.get_lines()}
+        assert list(lines["2 / lr"].get_ydata()) == pytest.approx([20.0, 200.0])
+        assert list(lines["(2 + 2·0.9) / lr (momentum)"].get_ydata()) == pytest.approx(
+            [38.0, 380.0])
+        lam = top.containers[0]  # the errorbar of lambda_1
+        assert list(lam.lines[0].get_ydata()) == [30.0, 12.0]
+        assert list(lam.lines[0].get_xdata()) == [1, 2]
+        losses = {ln.get_label(): list(ln.get_ydata()) for ln in bottom.get_lines()}
+        assert losses == {"train loss": [2.0, 1.0], "test loss": [2.1, 1.3]}
+        assert fig.axes[2].get_yscale() == "log"  # the learning rate's twin axis
+    finally:
+        plt.close(fig)
+    assert plt.get_fignums() == before
 
 
 def _on_ranks(rank, world_size):

@@ -4,10 +4,19 @@ import subprocess
 import sys
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 
-import density_plot
-from density_plot import density_generate, get_esd_plot, load_run, main, plot_per_layer, run_labels
+from density_plot import (
+    compare_panels,
+    density_generate,
+    get_esd_plot,
+    load_run,
+    main,
+    run_labels,
+)
+from support import figures
+from support.figures import compare_figure, esd_figure, per_layer_figure, plot_per_layer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -18,10 +27,15 @@ def magic(path, n):
         return fh.read(n)
 
 
-def png_size(path):
-    """(width, height) from the PNG header (IHDR)."""
-    head = magic(path, 24)
-    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+@pytest.fixture
+def drawn():
+    """Figures built by a test, closed afterwards; asserts none was left open."""
+    before = plt.get_fignums()
+    made = []
+    yield made.append
+    for fig in made:
+        plt.close(fig)
+    assert plt.get_fignums() == before
 
 
 # ---------------------------------------------------------------------------- ESD
@@ -35,6 +49,27 @@ def test_density_generate_matches_original_grid_rule():
     assert (dens.sum() * (grid[1] - grid[0])) == pytest.approx(1.0)
 
 
+def test_esd_figure_draws_the_log_density_on_the_original_grid(drawn):
+    nodes, weights = [[0.0, 1.0, 5.0]], [[0.5, 0.3, 0.2]]
+    fig = esd_figure(nodes, weights, title="a run")
+    drawn(fig)
+    (ax,) = fig.axes
+    (line,) = ax.get_lines()
+    x, y = line.get_xdata(), line.get_ydata()
+    density, grids = density_generate(nodes, weights)
+    assert len(x) == 10000 and np.array_equal(x, grids)
+    np.testing.assert_array_equal(y, density + 1e-7)  # the original's floor for the log
+    assert np.sum(y - 1e-7) * (x[1] - x[0]) == pytest.approx(1.0)
+    assert x[0] == pytest.approx(-0.01) and x[-1] == pytest.approx(5.01)
+    # three Gaussians: the peaks sit at the nodes, in the order of their weights
+    peaks = [y[np.argmin(abs(x - n))] for n in nodes[0]]
+    assert peaks[0] > peaks[1] > peaks[2] > 1e3 * y.min()
+    assert ax.get_yscale() == "log"
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("Eigenvalue", "Density (log scale)")
+    assert ax.get_xlim() == pytest.approx((grids[0] - 1, grids[-1] + 1))
+    assert ax.get_title() == "a run"
+
+
 def test_get_esd_plot_writes_pdf_and_png_and_closes_figure(tmp_path):
     before = len(plt.get_fignums())
     out = get_esd_plot([[0.0, 1.0, 5.0]], [[0.5, 0.3, 0.2]], str(tmp_path / "sub" / "esd.pdf"))
@@ -43,6 +78,30 @@ def test_get_esd_plot_writes_pdf_and_png_and_closes_figure(tmp_path):
     assert magic(out[1], 8) == PNG
     assert len(plt.get_fignums()) == before
     assert not [f for f in os.listdir(tmp_path / "sub") if ".tmp" in f]
+
+
+# ---------------------------------------------------------------------------- convergence
+def test_convergence_figure_draws_each_panel_with_its_bands(drawn):
+    panels = [figures.Panel("top eigenvalues (lanczos)", "Hessian-vector products",
+                            "eigenvalue estimate",
+                            [figures.Series("lambda_1", [1, 2, 3], [4.0, 5.0, 5.5]),
+                             figures.Series("lambda_2", [2, 3], [1.0, 2.0])]),
+              figures.Panel("trace (deflated hutchinson)", "probes", "trace estimate",
+                            [figures.Series("estimate", [1, 2], [10.0, 12.0], err=[0.0, 1.5])])]
+    fig = figures.convergence_figure(panels)
+    drawn(fig)
+    eig, tr = fig.axes
+    assert [ln.get_label() for ln in eig.get_lines()] == ["lambda_1", "lambda_2"]
+    assert list(eig.get_lines()[1].get_xydata().ravel()) == [2, 1.0, 3, 2.0]
+    assert (eig.get_title(), eig.get_xlabel()) == ("top eigenvalues (lanczos)",
+                                                 "Hessian-vector products")
+    (band,) = tr.collections  # ± 1 standard error around the estimate
+    assert band.get_label() == "± 1 standard error"
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert ys.min() == pytest.approx(10.0) and ys.max() == pytest.approx(13.5)
+    assert tr.get_ylabel() == "trace estimate"
+    with pytest.raises(ValueError, match="no analysis contributed"):
+        figures.convergence_figure([])
 
 
 # ---------------------------------------------------------------------------- per layer
@@ -72,16 +131,52 @@ def test_plot_per_layer_writes_png_with_zero_negative_and_missing_values(tmp_pat
     assert os.listdir(tmp_path / "out") == ["per_layer.png"]  # no temporary file left
 
 
-def test_plot_per_layer_grows_with_the_number_of_groups(tmp_path):
-    small = plot_per_layer(layer_rows(5), str(tmp_path / "five.png"))
-    large = plot_per_layer(layer_rows(40), str(tmp_path / "forty.png"))
-    assert png_size(large)[1] > 3 * png_size(small)[1]  # rows keep their height
+def _bars(ax):
+    return [p for p in ax.patches if p.get_height() == pytest.approx(0.72)]
 
 
-def test_plot_per_layer_all_zero_or_missing_and_empty(tmp_path):
+def test_per_layer_figure_draws_the_rows_values(drawn):
+    rows = layer_rows(5)
+    fig = per_layer_figure(rows, title="ResNet8")
+    drawn(fig)
+    ax_t, ax_e = fig.axes
+    assert [t.get_text() for t in ax_t.get_yticklabels()] == [
+        "layer0.0.conv1 (2.3k)", "layer0.1.conv2 (4.61k)", "layer0.2.conv1 (6.91k)",
+        "layer0.3.conv2 (9.22k)", "layer0.4.conv1 (11.5k)"]
+    assert ax_t.get_ylim() == (4.5, -0.5)  # the first group on top
+    traces, eigs = _bars(ax_t), _bars(ax_e)
+    assert [b.get_width() for b in traces] == pytest.approx([r["trace"] for r in rows])
+    # the top eigenvalues: 0 and a missing value are drawn as zero-width bars with a note
+    assert [b.get_width() for b in eigs] == pytest.approx([3e-4, 0.0, 0.0, -2.0, 3e-1 * 10])
+    red = plt.matplotlib.colors.to_rgba("tab:red")
+    assert traces[0].get_facecolor() == red and traces[1].get_facecolor() != red
+    assert eigs[3].get_hatch() == "///"  # not converged
+    assert sorted(t.get_text() for t in ax_e.texts) == [" 0", " n/a"]
+    assert ax_t.get_xscale() == ax_e.get_xscale() == "symlog"
+    # linthresh: the decade at or below the smallest nonzero |trace| (1e-2 x 0.1)
+    assert ax_t.get_xlabel() == "symmetric log scale (linear within ±0.01)"
+    assert fig.texts[0].get_text() == "ResNet8"  # the suptitle
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["negative (left of 0)", "block Lanczos not converged"]
+
+
+def test_plot_per_layer_grows_with_the_number_of_groups(drawn):
+    small, large = per_layer_figure(layer_rows(5)), per_layer_figure(layer_rows(40))
+    drawn(small)
+    drawn(large)
+    assert large.get_figheight() > 3 * small.get_figheight()  # rows keep their height
+    assert len(_bars(large.axes[0])) == 40
+
+
+def test_plot_per_layer_all_zero_or_missing_and_empty(tmp_path, drawn):
     rows = [{"name": "fc", "num_parameters": 650, "trace": 0.0, "trace_stderr": None,
              "trace_per_parameter": 0.0, "top_eigenvalue": None,
              "top_eigenvalue_error_bound": None}]
+    fig = per_layer_figure(rows)
+    drawn(fig)
+    for ax, note in zip(fig.axes, (" 0", " n/a")):
+        assert ax.get_xscale() == "linear" and [t.get_text() for t in ax.texts] == [note]
+        assert ax.get_xlabel() == "linear scale (every value is 0 or n/a)"
     assert magic(plot_per_layer(rows, str(tmp_path / "p.png")), 8) == PNG
     with pytest.raises(ValueError, match="empty"):
         plot_per_layer([], str(tmp_path / "q.png"))
@@ -90,11 +185,11 @@ def test_plot_per_layer_all_zero_or_missing_and_empty(tmp_path):
 def test_symlog_threshold_is_the_decade_below_the_smallest_nonzero_magnitude():
     fig, ax = plt.subplots()
     try:
-        assert density_plot._symlog(ax, [-0.4, 0.0, None, 3e-3, 50.0], "x") == 1e-3
+        assert figures._symlog(ax, [-0.4, 0.0, None, 3e-3, 50.0], "x") == 1e-3
         assert ax.get_xscale() == "symlog"
         # at most six decades below the largest value
-        assert density_plot._symlog(ax, [1e-12, 10.0], "y") == pytest.approx(1e-5)
-        assert density_plot._symlog(ax, [0.0, None], "x") is None
+        assert figures._symlog(ax, [1e-12, 10.0], "y") == pytest.approx(1e-5)
+        assert figures._symlog(ax, [0.0, None], "x") is None
     finally:
         plt.close(fig)
 
@@ -180,6 +275,38 @@ def test_compare_writes_pdf_png_and_prints_the_table(tmp_path, two_runs, capsys)
     assert f"wrote {out}, {out[:-4]}.png" in text
 
 
+def test_compare_figure_shows_each_runs_esd_eigenvalues_and_trace(two_runs, drawn):
+    runs = [load_run(p) for p in two_runs]
+    labels = run_labels(runs)
+    fig = compare_figure(compare_panels(runs), labels)
+    drawn(fig)
+    esd, eig, tr = fig.axes  # the ESD overlay first, then the units' per-run panels
+    curves = [ln for ln in esd.get_lines() if ln.get_linestyle() == "-"]
+    assert [ln.get_label() for ln in curves] == labels == ["ResNet20 BN", "ResNet20 no-BN"]
+    density, grids = density_generate([[-1.0, 0.0, 3.0, 20.0]], [[0.01, 0.95, 0.03, 0.01]])
+    for ln in curves:
+        np.testing.assert_array_equal(ln.get_xdata(), grids)
+        np.testing.assert_array_equal(ln.get_ydata(), density + 1e-7)
+    marks = [ln.get_xdata()[0] for ln in esd.get_lines() if ln.get_linestyle() == "--"]
+    assert marks == [176.6507, 2.68525]  # each run's lambda_1, dashed
+    assert esd.get_yscale() == "log" and esd.get_xlabel() == "Eigenvalue"
+    points = [(c.lines[0].get_xdata()[0], c.lines[0].get_ydata()[0], c.has_yerr)
+              for c in eig.containers]
+    # error bars of at most 0.2% of the value would hide inside the marker: none drawn
+    assert points == [(0, 176.6507, False), (0, 95.12, False), (1, 2.68525, False),
+                      (1, 2.1, False)]
+    filled = [c.lines[0].get_markerfacecolor() for c in eig.containers]
+    assert filled[1] == filled[3] == "white" != filled[0]  # lambda_1 filled, others open
+    (bar_a, bar_b) = [c.lines[2][0].get_segments()[0][:, 1] for c in tr.containers]
+    assert list(bar_a) == pytest.approx([453.866 - 9.04, 453.866 + 9.04])
+    assert list(bar_b) == pytest.approx([7.13246 - 0.675, 7.13246 + 0.675])
+    for ax in (eig, tr):
+        assert [t.get_text() for t in ax.get_xticklabels()] == labels
+        assert ax.get_yscale() == "log" and ax.get_ylabel() == "log scale"
+    assert tr.get_title() == "trace (± 1 standard error)"
+    assert eig.get_title().startswith("top eigenvalues")
+
+
 def test_compare_labels_from_the_flag(tmp_path, two_runs, capsys):
     out = str(tmp_path / "c.pdf")
     assert main(["--compare", *two_runs, "-o", out, "--labels", "with BN", "without"]) == 0
@@ -231,6 +358,18 @@ def test_runs_without_some_analyses_are_marked_na(tmp_path, capsys):
     assert tr_row.split("cifar10", 1)[1].split()[0] == "n/a"
     assert "-3 ± 5 (166.7%)" in tr_row
     assert magic(str(tmp_path / "c.png"), 8) == PNG
+    runs = [load_run(eig_only), load_run(trace_only)]
+    fig = compare_figure(compare_panels(runs), run_labels(runs))
+    plt.close(fig)
+    esd, eig, tr = fig.axes
+    assert [t.get_text() for t in esd.texts] == ["no run has a density (n/a)"]
+    def notes(ax):  # "n/a" at a run's column; each value annotated beside its point
+        return sorted((t.get_text(), t.xy[0] if hasattr(t, "xy") else t.get_position()[0])
+                      for t in ax.texts)
+
+    assert notes(eig) == [("5", 0), ("n/a", 1)]
+    assert notes(tr) == [("-3", 1), ("n/a", 0)]
+    assert tr.get_yscale() == "symlog"  # a negative trace keeps its sign
 
 
 def test_one_run_redraws_its_esd(tmp_path, two_runs, capsys):

@@ -2,7 +2,6 @@
 parameters, consistent with the operator's loss and lambda_1 on tiny float64 networks, the
 parameters restored bit for bit (also after a failure midway), world sizes 1 and 2 giving the
 same curves, the 2d grid, the options' checks, the figure, and the script end to end."""
-import argparse
 import json
 import os
 import subprocess
@@ -17,23 +16,21 @@ import analyses.landscape as landscape
 from analyses import selected
 from analyses.base import Context
 from analyses.eigenvalues import TopEigenvalues
-from analyses.landscape import Landscape, filter_normalized, plot_landscape
+from analyses.landscape import Landscape, filter_normalized
 from dist_harness import run_distributed
 from problems import Problem
 from pyhessian_dist import HessianOperator
 from support.errors import UserError
+from support.figures import landscape_figure, plot_landscape
 from support.outputs import RunOutputs
-from tiny import SIZES, dense_hessian, make, split_uneven
+from tiny import SIZES, analysis_args, dense_hessian, make, split_uneven
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CE = nn.CrossEntropyLoss()
 
 
 def make_args(**kw):
-    a = dict(seed=1, top_n=2, max_iter=200, tol=1e-10, eigen_method="lanczos", landscape="1d",
-             landscape_points=11, landscape_radius="auto", landscape_filter_normalize=False)
-    a.update(kw)
-    return argparse.Namespace(**a)
+    return analysis_args(**{"top_n": 2, "landscape": "1d", "landscape_points": 11, **kw})
 
 
 def setup(model, criterion, batches, rank=0, world_size=1, **kw):
@@ -235,8 +232,10 @@ def test_world_sizes_one_and_two_give_the_same_landscape(deal):
 # ---------------------------------------------------------------------------- 2d, options
 def test_2d_grid_shape_and_axes(single_thread):
     model, x, y = make("mlp")
+    # --top-n 1: the 2d landscape asks the eigenvalue unit for the 2 eigenpairs it needs
     op, ctx, unit, r = run_landscape(model, CE, split_uneven(x, y, SIZES), landscape="2d",
-                                     landscape_points=5)
+                                     landscape_points=5, top_n=1)
+    assert len(ctx.results["eigenvalue"].eigenvalues) == 2
     P = 5
     grid = r.grid
     assert len(grid["loss"]) == P and all(len(row) == P for row in grid["loss"])
@@ -253,14 +252,22 @@ def test_2d_grid_shape_and_axes(single_thread):
     assert any("grid over v1 x v2 (5 x 5)" in line for line in lines)
 
 
-def test_check_rejects_bad_combinations():
-    with pytest.raises(UserError, match=r"^--landscape 2d needs --top-n 2 or more$"):
-        Landscape.check(make_args(landscape="2d", top_n=1))
+def test_check_rejects_bad_points_and_2d_asks_for_two_eigenpairs():
     for points in (4, 1):
+        args = make_args(landscape_points=points)
         with pytest.raises(UserError, match="must be odd and at least 3"):
-            Landscape.check(make_args(landscape_points=points))
-    Landscape.check(make_args(landscape="2d", top_n=2))
-    Landscape.check(make_args(landscape="1d", top_n=1))
+            Landscape().check(args, selected(args))
+    for mode, top_n, k, who in (("2d", 1, 2, "--landscape 2d (2 eigenpairs)"),
+                                ("2d", 3, 3, "--top-n 3"), ("1d", 1, 1, "--top-n 1")):
+        args = make_args(landscape=mode, top_n=top_n)
+        selection = selected(args)
+        Landscape().check(args, selection)
+        eig = TopEigenvalues()
+        assert eig.wanted(args, selection.asked(eig)) == (k, who)
+    args = make_args(landscape="2d", top_n=1, max_iter=1)
+    with pytest.raises(UserError, match=r"^--landscape 2d \(2 eigenpairs\) needs at least as "
+                                        r"many Lanczos steps: pass --max-iter 2 or more$"):
+        TopEigenvalues().check(args, selected(args))
 
 
 def test_flags_defaults_and_selection():
@@ -337,7 +344,7 @@ def test_json_summary_and_figures(tmp_path, single_thread):
         assert any("loss evaluations" in line and "no HVPs" in line for line in lines)
 
         folder = tmp_path / mode
-        with RunOutputs(folder) as out:
+        with RunOutputs(folder, unit.files) as out:
             unit.write(r, ctx, out)
             assert out.warnings == [] and out.files == ["landscape.png", "landscape.pdf"]
             written, _removed = out.commit()
@@ -348,6 +355,41 @@ def test_json_summary_and_figures(tmp_path, single_thread):
         # the figure can be redrawn from results.json alone
         paths = plot_landscape(json.loads(json.dumps(d)), str(folder / "again.png"))
         assert os.path.getsize(paths[0]) > 0
+        _assert_drawn(landscape_figure(json.loads(json.dumps(d))), d)
+
+
+def _assert_drawn(fig, d):
+    """The landscape figure shows the curves of results.landscape: loss and accuracy per
+    direction against the offsets, the quadratic model along v1, the 2d grid's contours."""
+    import matplotlib.pyplot as plt
+
+    try:
+        axes = {ax.get_ylabel(): ax for ax in fig.axes
+                if ax.get_xlabel() == "offset a along a unit direction"}
+        loss_ax, acc_ax = axes["loss"], axes["accuracy (%)"]
+        lines = {ln.get_label(): ln for ln in loss_ax.get_lines()}
+        for c in d["directions"]:
+            name = {"top eigenvector": "top eigenvector v1",
+                    "gradient": "gradient (ascent for a > 0)"}.get(c["name"], c["name"])
+            assert list(lines[name].get_xdata()) == d["offsets"]
+            assert list(lines[name].get_ydata()) == c["loss"]
+            acc = [ln for ln in acc_ax.get_lines() if ln.get_label() == name][0]
+            assert list(acc.get_ydata()) == pytest.approx([100 * x for x in c["accuracy"]])
+        model = lines[f"quadratic model, lambda_1 = {d['lambda_1']:.4g}"]
+        a, q = model.get_xdata()[0], model.get_ydata()[0]
+        v1 = d["directions"][0]
+        assert q == pytest.approx(d["loss_at_zero"] + v1["slope"] * a
+                                  + 0.5 * d["lambda_1"] * a * a)
+        check = d["curvature_check"]
+        assert f"2nd difference along v1 = {check['second_difference']:.4g}" in \
+            loss_ax.get_title()
+        grid = [ax for ax in fig.axes if ax.get_xlabel() == "offset along v1 (top eigenvector)"]
+        assert len(grid) == ("grid" in d)
+        if grid:
+            assert f"lambda_2 = {d['lambda_2']:.4g}" in grid[0].get_title()
+            assert grid[0].get_xlim() == (d["offsets"][0], d["offsets"][-1])
+    finally:
+        plt.close(fig)
 
 
 # ---------------------------------------------------------------------------- end to end

@@ -1,4 +1,7 @@
-"""Tiny float64 models and data for exact library tests (importable by spawned workers)."""
+"""Tiny float64 models and data for exact library tests, and the analyses' options for
+running analysis units in-process (importable by spawned workers)."""
+import argparse
+
 import torch
 from torch import nn
 
@@ -75,3 +78,23 @@ def dense_hessian(model, criterion, x, y):
         return criterion(functional_call(model, ps, (x,), strict=False), y)
 
     return hessian(loss)(theta)
+
+
+def analysis_args(*flags, **values):
+    """The analyses' options (as the script adds them from the registry) and the shared ones
+    they use, parsed from ``flags``, with exact-test defaults (--max-iter 200, --tol 1e-10);
+    ``values`` then overrides attributes."""
+    from analyses import REGISTRY
+    from pyhessian_dist.groups import GROUPINGS
+
+    p = argparse.ArgumentParser()
+    for a in REGISTRY:
+        a.add_arguments(p)
+    p.add_argument("--max-iter", type=int, default=200)
+    p.add_argument("--tol", type=float, default=1e-10)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--group-by", choices=GROUPINGS, default="module")
+    args = p.parse_args(list(flags))
+    for name, value in values.items():
+        setattr(args, name, value)
+    return args
