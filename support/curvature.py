@@ -169,8 +169,8 @@ class CurvatureTracker:
         text = json.dumps(json_safe(doc), indent=1, allow_nan=False)
         atomic_write_bytes(self.json_path, (text + "\n").encode())
         try:
-            atomic_write_bytes(self.png_path, plot_curvature(self.checks, self.epoch_log,
-                                                             self.momentum))
+            atomic_write_bytes(self.png_path, plot_curvature(
+                self.checks, self.epoch_log, self.momentum, self.problem.loss_description))
         except Exception as exc:  # noqa: BLE001 - a figure must never stop a training run
             return f"warning: could not draw {self.png_path}: {type(exc).__name__}: {exc}"
         return None

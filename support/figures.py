@@ -405,7 +405,8 @@ def _landscape_grid(fig, ax, data):
 
 
 # ---------------------------------------------------------------------------- training
-def curvature_figure(checks: list, epochs: list, momentum: float = 0.0):
+def curvature_figure(checks: list, epochs: list, momentum: float = 0.0,
+                     loss_name: str = "mean cross-entropy"):
     """lambda_1 (and the trace) against epoch with the 2/lr line on a log axis (the
     edge-of-stability picture; with ``momentum`` also heavy-ball SGD's (2 + 2 momentum)/lr,
     Cohen et al. 2021); below, the train/test loss and the learning rate."""
@@ -439,20 +440,21 @@ def curvature_figure(checks: list, epochs: list, momentum: float = 0.0):
             lr_axis.set_ylabel("learning rate", color="tab:red")
             bottom.legend(fontsize=8, loc="upper right")
         bottom.set_xlabel("epoch")
-        bottom.set_ylabel("loss (mean cross-entropy)")
+        bottom.set_ylabel(f"loss ({loss_name})")
         bottom.grid(alpha=0.3)
         fig.tight_layout()
     return fig
 
 
-def plot_curvature(checks: list, epochs: list, momentum: float = 0.0) -> bytes:
+def plot_curvature(checks: list, epochs: list, momentum: float = 0.0,
+                   loss_name: str = "mean cross-entropy") -> bytes:
     """``curvature_figure`` as PNG bytes (the caller writes them atomically)."""
     def png(fig):
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=120)
         return buf.getvalue()
 
-    return _closing(curvature_figure(checks, epochs, momentum), png)
+    return _closing(curvature_figure(checks, epochs, momentum, loss_name), png)
 
 
 def _finite(x):
