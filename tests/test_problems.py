@@ -29,7 +29,7 @@ def script(name, args, timeout=300):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def exact_hessian(path, checkpoint=None, samples=50, seed=3):
+def exact_hessian(path, checkpoint=None, samples=50, seed=3, double=True):
     """The dense Hessian of the problem's mean loss over the analysis's Hessian samples, from
     torch.func.hessian of the flattened trainable parameters (an independent path: one batch of
     all samples, no mini-batches, no operator)."""
@@ -42,9 +42,11 @@ def exact_hessian(path, checkpoint=None, samples=50, seed=3):
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     shapes = [p.shape for n, p in model.named_parameters() if p.requires_grad]
     theta = torch.cat([p.detach().reshape(-1) for n, p in model.named_parameters()
-                       if p.requires_grad]).double()
-    model.double()
-    batch = _double(batch)
+                       if p.requires_grad])
+    if double:
+        theta = theta.double()
+        model.double()
+        batch = _double(batch)
 
     def loss(flat):
         ps = {n: t.view(s) for n, t, s in zip(names, torch.split(flat, [s.numel() for s in
@@ -288,3 +290,19 @@ def test_a_changed_problem_file_is_noted_on_resume(trained_dicts, tmp_path):
         "--output-dir", str(tmp_path / "out")])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "has changed since checkpoint" in proc.stderr
+
+
+UNSEEN = os.path.join(ROOT, "tests", "problems")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, double, rtol", [
+    ("bn_cnn.py", True, 1e-7),            # BatchNorm in eval mode, 3-tuples, the defaults
+    ("two_inputs.py", True, 1e-7),        # nested dicts, two inputs, frozen and unused params
+    ("list_regression.py", False, 1e-4),  # lists of floats, float32, Huber loss
+])
+def test_other_problem_files_are_exact_on_three_processes(tmp_path, name, double, rtol):
+    path = os.path.join(UNSEEN, name)
+    record, _ = analysis(["--problem", path], tmp_path, 3)
+    assert record["data"]["samples_per_rank"] == [20, 20, 10]
+    assert_exact(record, exact_hessian(path, double=double), rtol=rtol)
