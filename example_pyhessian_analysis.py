@@ -20,7 +20,12 @@ import os
 # are shared with other processes (measured: bench/ "threads"); sleeping costs nothing on a
 # quiet one. Set before torch is imported; an OMP_WAIT_POLICY already set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if __name__ == "__main__":  # a cancel while importing: one line, not a traceback
+    from support.cancel import exit_on_cancel_while_starting
 
+    exit_on_cancel_while_starting()
+
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -46,7 +51,8 @@ def parse_args(argv=None):
                    help="samples per mini-batch (one forward/backward pass)")
     p.add_argument("--hessian-batch-size", type=utils.positive_int, default=200,
                    help="samples in the Hessian data set (chosen from the train split by --seed)")
-    p.add_argument("--seed", type=int, default=1, help="seed for the sample choice and probes")
+    p.add_argument("--seed", type=utils.seed, default=1,
+                   help="seed for the sample choice and probes (0 to 2**32 - 1)")
     utils.add_bool_flag(p, "batch-norm", None, "model has BatchNorm (default: the checkpoint's)")
     utils.add_bool_flag(p, "residual", None, "model has residual connections (default: the "
                         "checkpoint's)")
@@ -89,6 +95,10 @@ def parse_args(argv=None):
                         "--resume the model is analysed as model() builds it (default: the "
                         "checkpoint's problem)")
     p.add_argument("--output-dir", default=".", help="where results.json and the figures go")
+    p.add_argument("--keep-partial-outputs", action="store_true",
+                   help="when a figure or file cannot be written (a full disk, a figure that "
+                        "fails), write the others and replace the earlier run's files with "
+                        "them (default: the run fails and the earlier files stay as they were)")
     p.add_argument("--reuse-graph", choices=("auto", "on", "off"), default="auto",
                    help="keep first-order graphs across products (auto: as many as fit)")
     p.add_argument("--hvp-mode", choices=pyhessian_dist.HVP_MODES, default="double_backward",
@@ -132,6 +142,10 @@ def validate(args) -> Plan:
     for analysis in analyses:
         analysis.check(args, analyses)
     earlier = utils.check_output_dir(args.output_dir, utils.output_files(REGISTRY))
+    stale = utils.remove_stale_staging(args.output_dir)
+    if stale:
+        print(f"note: removed {len(stale)} staging folder(s) that ended runs left in "
+              f"{args.output_dir}", file=sys.stderr)
     rank0 = not launched_by_torchrun() or os.environ.get("RANK") == "0"
     problem, model, meta, notes = load_problem(args, download=rank0)
     for line in notes:
@@ -184,13 +198,19 @@ def load_shard(args, problem, worker):
 
 def build_operator(args, problem, model, batches, worker):
     try:
-        return HessianOperator(
+        op = HessianOperator(
             model, batches=batches, forward=problem.forward, loss=problem.loss,
             device=worker.device,
             reuse_graph={"auto": "auto", "on": True, "off": False}[args.reuse_graph],
             local_processes=worker.local_world_size, hvp_mode=args.hvp_mode)
     except FloatingPointError as exc:  # the same on every rank: the loss is all-reduced
         raise utils.DataError(f"{exc} ({problem.label})") from None
+    norm = op.gradient().norm().item()  # all-reduced: the same on every rank
+    if not math.isfinite(norm):
+        raise utils.DataError(f"the gradient of the loss at these weights is not finite (norm "
+                              f"{norm}): {op.dtype} overflows, so Hessian-vector products would "
+                              f"be meaningless; check the weights ({problem.label})")
+    return op
 
 
 def worker(ctx, args, plan):
@@ -233,9 +253,10 @@ def worker(ctx, args, plan):
                       "checkpoint": {k: meta.get(k) for k in (
                           "path", "source", "epoch", "test_accuracy")}}
         record = utils.run_record(args, ctx, op, model_info, data, analyses, actx, t_start)
-        written, removed, warnings = utils.write_outputs(args, record, analyses, actx,
-                                                         utils.output_files(REGISTRY))
-        ctx.committed()
+        note = f"this run's files had already been written to {args.output_dir}"
+        written, removed, warnings = utils.write_outputs(
+            args, record, analyses, actx, utils.output_files(REGISTRY),
+            on_commit=lambda: ctx.committed(note))
         for line in warnings:
             print0(line)
         print0("wrote " + ", ".join(written)
@@ -244,11 +265,16 @@ def worker(ctx, args, plan):
 
 # ---------------------------------------------------------------------------- main
 def analyse(args):
-    plan = validate(args)
-    print0(f"pyhessian-dist {pyhessian_dist.__version__} | {plan.problem.describe()} | "
-           f"{args.resume or 'as model() builds it'}")
-    utils.launch(worker, (args, plan), nprocs=plan.nprocs, cuda=plan.cuda,
-                 backend=args.backend, ip=args.ip, port=args.port)
+    # a run that fails or is cancelled leaves no empty folder it made, and no staging folder
+    with utils.removed_if_left_empty(args.output_dir, args.data_dir):
+        plan = validate(args)
+        print0(f"pyhessian-dist {pyhessian_dist.__version__} | {plan.problem.describe()} | "
+               f"{args.resume or 'as model() builds it'}")
+        try:
+            utils.launch(worker, (args, plan), nprocs=plan.nprocs, cuda=plan.cuda,
+                         backend=args.backend, ip=args.ip, port=args.port)
+        finally:
+            utils.remove_stale_staging(args.output_dir, own=True)
 
 
 def main(argv=None):

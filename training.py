@@ -64,6 +64,7 @@ from support.cli import (
     positive_float,
     positive_int,
     resnet_depth,
+    seed,
 )
 from support.curvature import CurvatureTracker, check_line, curvature_paths, load_curvature
 from support.datasets import DATASETS, hessian_subset
@@ -104,7 +105,7 @@ def build_parser():
                    help="factor the learning rate is multiplied by at each --lr-decay-epoch")
     p.add_argument("--lr-decay-epoch", type=positive_int, nargs="+", default=[80, 120],
                    help="epochs after which the learning rate decays")
-    p.add_argument("--seed", type=int, default=1,
+    p.add_argument("--seed", type=seed, default=1,
                    help="random seed (initialisation, shuffling, augmentation, Hessian subset)")
     p.add_argument("--weight-decay", type=nonnegative_float, default=5e-4, help="SGD weight decay")
     add_bool_flag(p, "batch-norm", True, "use batch normalisation")

@@ -20,6 +20,7 @@ import contextlib
 import io
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 from pyhessian_dist.density import gaussian_density
@@ -34,12 +35,22 @@ _POSITIVE, _NEGATIVE = "tab:blue", "tab:red"
 
 
 def _pyplot():
-    """pyplot on the Agg backend, imported when the first figure is drawn."""
-    import matplotlib
+    """pyplot on the Agg backend, imported when the first figure is drawn.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    An import cut short (a cancel while it runs, in a process that goes on: a test, a
+    notebook) takes back every module it had loaded: Python drops only the module whose code
+    was interrupted, and a later import would find its half-initialised siblings (``module
+    'matplotlib' has no attribute ...`` in every later figure)."""
+    before = set(sys.modules)
+    try:
+        import matplotlib
 
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except BaseException:
+        for name in set(sys.modules) - before:
+            del sys.modules[name]
+        raise
     return plt
 
 

@@ -16,7 +16,7 @@ import torch
 
 import pyhessian_dist
 from support.figures import plot_convergence
-from support.outputs import RunOutputs
+from support.outputs import OutputError, RunOutputs
 
 __all__ = ["describe_device", "describe_setup", "output_files", "run_record", "write_outputs"]
 
@@ -71,12 +71,15 @@ def output_files(analyses) -> tuple:
     return files
 
 
-def write_outputs(args, record, analyses, ctx, files) -> tuple[list[str], list[str], list[str]]:
+def write_outputs(args, record, analyses, ctx, files, on_commit=None
+                  ) -> tuple[list[str], list[str], list[str]]:
     """Stage results.json, then each analysis's files and the convergence figure of the panels
     the analyses contribute, and commit them together in --output-dir, which manages ``files``
-    (stale ones of an earlier run are removed); returns (written paths, stale files removed,
-    warnings)."""
-    with RunOutputs(args.output_dir, files) as out:
+    (stale ones of an earlier run are removed; ``on_commit()`` once they are in place); returns
+    (written paths, stale files removed, warnings). A file that cannot be written is an
+    OutputError and nothing is replaced, unless --keep-partial-outputs (then a warning)."""
+    with RunOutputs(args.output_dir, files, getattr(args, "keep_partial_outputs", False),
+                    on_commit) as out:
         out.write_json("results.json", record)
         panels = []
         for a in analyses:
@@ -92,11 +95,12 @@ def write_outputs(args, record, analyses, ctx, files) -> tuple[list[str], list[s
 
 
 def _guarded(out, what, fn):
-    """``fn()``; None and a warning line when it fails (a figure must never cost the
-    results)."""
+    """``fn()``; when a unit's own code fails, ``out.failed`` (the run ends, or a warning and
+    None with --keep-partial-outputs)."""
     try:
         return fn()
+    except OutputError:
+        raise
     except Exception as exc:  # noqa: BLE001 - whatever a unit's figure code raises
-        out.warnings.append(f"warning: {what} could not be written ({type(exc).__name__}: "
-                            f"{exc}); results.json is complete")
+        out.failed(what, exc)
         return None

@@ -1,0 +1,111 @@
+"""Cancels: SIGTERM, SIGINT (Ctrl-C) and SIGHUP, from the first import to the last write.
+
+A cancel must stop the run, whatever the run is doing, and never be mistaken for a failure:
+
+* ``Interrupted`` is a ``BaseException`` (like ``KeyboardInterrupt``), so no ``except
+  Exception`` -- around a figure, a user's code, a download -- can catch it; ``run_main``
+  (support.launch) turns it into one line and the exit status 128 + the signal number;
+* ``cancels_raise()`` turns the three signals into ``Interrupted`` while a block runs (the
+  scripts' whole run, and every worker of a spawned run);
+* ``cancels_held()`` holds them back while a block runs (files moved into place as one set): a
+  signal that arrives meanwhile is delivered when the block ends;
+* ``exit_on_cancel_while_starting()``: a script calls it before its heavy imports (torch), so a
+  cancel while it starts ends it with that one line instead of a traceback from an import.
+
+This module imports nothing heavy, so that a script can use it before torch.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+
+__all__ = ["CANCEL_SIGNALS", "Interrupted", "cancel_line", "cancels_held", "cancels_raise",
+           "exit_on_cancel_while_starting"]
+
+CANCEL_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+NOTHING_WRITTEN = "no output was written and earlier files are untouched"
+
+
+class Interrupted(BaseException):
+    """The run was stopped by a signal. ``committed`` is True when the run had already written
+    its outputs; ``note`` then says what was written (e.g. which epoch a checkpoint holds);
+    ``workers`` is the number of spawned workers that were stopped."""
+
+    def __init__(self, signum, committed=False, workers=0, note=""):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.committed, self.workers = signum, bool(committed), workers
+        self.note = note
+
+
+def cancel_line(signum, committed=False, workers=0, note="") -> str:
+    """The one line a cancel prints."""
+    stopped = f"stopped {workers} workers; " if workers else ""
+    kept = (note or "the outputs had already been written") if committed else NOTHING_WRITTEN
+    return f"interrupted by {signal.Signals(signum).name}: {stopped}{kept}"
+
+
+@contextlib.contextmanager
+def cancels_raise():
+    """Turn SIGTERM/SIGINT/SIGHUP into ``Interrupted`` while the block runs (main thread only;
+    elsewhere the signals are left alone). A signal the process was started with ignored
+    stays ignored (``nohup``'s SIGHUP, SIGINT of a background job)."""
+    def handler(signum, _frame):
+        raise Interrupted(signum)
+
+    try:
+        previous = {s: signal.signal(s, handler) for s in CANCEL_SIGNALS
+                    if signal.getsignal(s) is not signal.SIG_IGN}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def cancels_held():
+    """Hold SIGTERM/SIGINT/SIGHUP back while the block runs; one that arrived meanwhile is
+    delivered (and raises, under ``cancels_raise``) when the block ends."""
+    if sys.platform == "win32" or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(CANCEL_SIGNALS))
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
+def cancels_ignored():
+    """Ignore further cancels while the block runs (stopping the workers after a first one:
+    a second Ctrl-C must not cut that short); the handlers are restored afterwards."""
+    try:
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in CANCEL_SIGNALS}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _exit_now(signum, _frame):
+    with contextlib.suppress(OSError):
+        os.write(2, (cancel_line(signum) + "\n").encode())
+    os._exit(128 + signum)
+
+
+def exit_on_cancel_while_starting() -> None:
+    """Until ``run_main`` takes over: a cancel ends the process at once with one line and
+    128 + the signal number (it is still importing: nothing to clean up, no traceback)."""
+    for s in CANCEL_SIGNALS:
+        if signal.getsignal(s) is not signal.SIG_IGN:  # nohup, a background job: keep that
+            signal.signal(s, _exit_now)
