@@ -31,6 +31,10 @@ import os
 # are shared with other processes (measured: bench/ "threads"); sleeping costs nothing on a
 # quiet one. Set before torch is imported; an OMP_WAIT_POLICY already set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if __name__ == "__main__":  # a cancel while importing: one line, not a traceback
+    from support.cancel import exit_on_cancel_while_starting
+
+    exit_on_cancel_while_starting()
 
 import argparse
 import bisect
@@ -69,7 +73,7 @@ from support.cli import (
 from support.curvature import CurvatureTracker, check_line, curvature_paths, load_curvature
 from support.datasets import DATASETS, hessian_subset
 from support.errors import CheckpointError, UserError
-from support.files import make_writable_folder
+from support.files import make_writable_folder, removed_if_left_empty, write_error
 from support.launch import agree, check_cpu_workers, launch, run_main
 from support.models import has_batch_norm, resolve_model_spec
 
@@ -340,8 +344,8 @@ def check_saving_folder(args, paths) -> list:
     try:
         make_writable_folder(folder)
     except OSError as exc:
-        raise CheckpointError(f"cannot create --saving-folder {folder}: {exc.strerror or exc}; "
-                              "choose a writable folder") from None
+        raise CheckpointError(f"cannot create --saving-folder {folder} ({write_error(exc)})"
+                              ) from None
     earlier = [p for p in paths.values() if os.path.exists(p)]
     continuing = args.resume and os.path.exists(paths["last"]) and \
         os.path.samefile(paths["last"], args.resume)
@@ -677,8 +681,8 @@ def track_curvature(ctx, run, epoch, stats, test_loss, test_acc):
         try:
             warning = tracker.write()
         except OSError as exc:
-            raise CheckpointError(f"cannot write {tracker.json_path}: {exc.strerror or exc}; "
-                                  "choose a writable --saving-folder") from None
+            raise CheckpointError(f"cannot write {tracker.json_path} ({write_error(exc)})"
+                                  ) from None
         if warning:
             print0(warning)
 
@@ -709,13 +713,12 @@ def save_epoch(ctx, args, plan, run, epoch, test_loss, test_acc):
     def write():
         if ctx.rank != 0:
             return
-        record = run.problem.record()
-        if run.best[1] == epoch:
-            save_checkpoint(plan.paths["best"], run.plain, record, **common)
-        save_checkpoint(plan.paths["last"], run.plain, record, training_state=state, **common)
+        best = plan.paths["best"] if run.best[1] == epoch else None
+        save_checkpoint(plan.paths["last"], run.plain, run.problem.record(),
+                        training_state=state, best_path=best, **common)
 
     agree(ctx, write)
-    ctx.committed()
+    ctx.committed(f"{plan.paths['last']} holds epoch {epoch}")
 
 
 class _Progress:
@@ -738,9 +741,11 @@ class _Progress:
 
 # ---------------------------------------------------------------------------- main
 def train(args):
-    plan = validate(args)
-    launch(train_worker, (args, plan), nprocs=plan.nprocs, cuda=plan.cuda,
-           backend=args.backend, ip=args.ip, port=args.port)
+    # a run that fails or is cancelled before its first checkpoint leaves no empty folder
+    with removed_if_left_empty(args.saving_folder, args.data_dir):
+        plan = validate(args)
+        launch(train_worker, (args, plan), nprocs=plan.nprocs, cuda=plan.cuda,
+               backend=args.backend, ip=args.ip, port=args.port)
 
 
 def main(argv=None):

@@ -11,7 +11,7 @@ import torch
 from support.cancel import cancels_held
 
 __all__ = ["atomic_torch_save", "atomic_write_bytes", "atomic_write_files",
-           "make_writable_folder", "removed_if_left_empty", "write_error"]
+           "make_writable_folder", "removed_if_left_empty", "torch_bytes", "write_error"]
 
 
 def write_error(exc: BaseException) -> str:
