@@ -25,7 +25,6 @@ if __name__ == "__main__":  # a cancel while importing: one line, not a tracebac
 
     exit_on_cancel_while_starting()
 
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -205,11 +204,13 @@ def build_operator(args, problem, model, batches, worker):
             local_processes=worker.local_world_size, hvp_mode=args.hvp_mode)
     except FloatingPointError as exc:  # the same on every rank: the loss is all-reduced
         raise utils.DataError(f"{exc} ({problem.label})") from None
-    norm = op.gradient().norm().item()  # all-reduced: the same on every rank
-    if not math.isfinite(norm):
-        raise utils.DataError(f"the gradient of the loss at these weights is not finite (norm "
-                              f"{norm}): {op.dtype} overflows, so Hessian-vector products would "
-                              f"be meaningless; check the weights ({problem.label})")
+    g = op.gradient()  # all-reduced: the same on every rank
+    if not torch.isfinite(g).all():
+        bad = int((~torch.isfinite(g)).sum())
+        raise utils.DataError(f"{bad} of the {g.numel():,} gradient components of the loss at "
+                              f"these weights are not finite in {op.dtype} (the loss is "
+                              f"{op.loss():.4g}), so Hessian-vector products would be too; "
+                              f"check the weights ({problem.label})")
     return op
 
 
