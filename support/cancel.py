@@ -9,6 +9,8 @@ A cancel must stop the run, whatever the run is doing, and never be mistaken for
   scripts' whole run, and every worker of a spawned run);
 * ``cancels_held()`` holds them back while a block runs (files moved into place as one set): a
   signal that arrives meanwhile is delivered when the block ends;
+* ``cancels_ignored()`` ignores them while a block runs (stopping the workers after a first
+  cancel);
 * ``exit_on_cancel_while_starting()``: a script calls it before its heavy imports (torch), so a
   cancel while it starts ends it with that one line instead of a traceback from an import.
 
@@ -19,10 +21,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 
-__all__ = ["CANCEL_SIGNALS", "Interrupted", "cancel_line", "cancels_held", "cancels_raise",
-           "exit_on_cancel_while_starting"]
+__all__ = ["CANCEL_SIGNALS", "Interrupted", "cancel_line", "cancels_held", "cancels_ignored",
+           "cancels_raise", "exit_on_cancel_while_starting"]
 
 CANCEL_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 NOTHING_WRITTEN = "no output was written and earlier files are untouched"
@@ -70,15 +71,29 @@ def cancels_raise():
 @contextlib.contextmanager
 def cancels_held():
     """Hold SIGTERM/SIGINT/SIGHUP back while the block runs; one that arrived meanwhile is
-    delivered (and raises, under ``cancels_raise``) when the block ends."""
-    if sys.platform == "win32" or not hasattr(signal, "pthread_sigmask"):
+    delivered (and raises, under ``cancels_raise``) when the block ends.
+
+    Held at Python's level (the handlers note the signal): a signal mask would hold a signal
+    back from this thread only, and the kernel would hand a process-directed signal to one of
+    torch's threads, whose C handler makes the main thread run the Python handler at once."""
+    pending = []
+
+    def defer(signum, _frame):
+        pending.append(signum)
+
+    try:
+        previous = {s: signal.signal(s, defer) for s in CANCEL_SIGNALS
+                    if signal.getsignal(s) is not signal.SIG_IGN}
+    except ValueError:  # not the main thread: nothing to hold
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(CANCEL_SIGNALS))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if pending:
+            signal.raise_signal(pending[0])
 
 
 @contextlib.contextmanager

@@ -303,6 +303,7 @@ def _worker(rank, fn, args, nprocs, cuda, backend, ip, port, threads, channel):
             ctx = WorkerContext(rank, nprocs, rank, nprocs, device, "spawn", channel)
             channel.send(("ok", rank, fn(ctx, *args)))
         finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # from here on a stop just ends it
             cleanup()
     except Interrupted as stop:  # its finally blocks have run: now die by the signal
         signal.signal(stop.signum, signal.SIG_DFL)
