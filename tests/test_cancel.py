@@ -356,3 +356,75 @@ def test_huge_weights_give_a_finite_gradient_norm_and_a_checked_lambda_1():
     residual = (op.matvec(y1.float()).double() - lam * y1).norm().item() / abs(lam)
     assert eig.converged and lam > 1e29
     assert residual < 1e-2  # the product agrees with the converged pair (float32 products)
+
+
+# ---------------------------------------------------------------------------- scripts
+DICT = os.path.join(ROOT, "examples", "dict_classifier.py")
+
+
+def test_a_failed_analysis_leaves_no_empty_output_dir(checkpoint, tmp_path, capsys):
+    rc = analysis.main(["--resume", checkpoint, "--eigenvalue", "--no-cuda", "--top-n",
+                        "1000000", "--max-iter", "1000000", "--output-dir",
+                        str(tmp_path / "new" / "out")])
+    assert rc == 2 and "exceeds" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_training_leaves_no_empty_saving_folder(tmp_path, capsys):
+    rc = training.main(["--problem", DICT, "--lr", "1e30", "--epochs", "1", "--no-cuda",
+                        "--num-workers", "0", "--saving-folder", str(tmp_path / "ck")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: training diverged in epoch 1"), err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("main", [analysis.main, training.main])
+def test_resume_of_a_folder_names_the_folder(main, tmp_path, capsys):
+    (tmp_path / "net.pkl").write_bytes(b"")
+    rc = main(["--resume", str(tmp_path), "--no-cuda"]
+              + (["--eigenvalue"] if main is analysis.main else []))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"error: checkpoint {tmp_path} is a folder, not a file; pass the "
+                               f"checkpoint in it (e.g. {tmp_path / 'net.pkl'})"]
+
+
+def test_weights_that_make_the_loss_nan_are_one_line(tmp_path, capsys):
+    """Every weight x 1e30 (finite): the loss is NaN; one line, exit 2, before any worker."""
+    from conftest import trained_resnet8
+
+    from problems import image_record
+    from support.checkpoints import save_checkpoint
+
+    model = trained_resnet8()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1e30)
+    path = tmp_path / "huge.pkl"
+    save_checkpoint(path, model, image_record(model, "synthetic"), epoch=1, test_accuracy=None,
+                    args={})
+    rc = analysis.main(["--resume", str(path), "--eigenvalue", "--no-cuda", "--output-dir",
+                        str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert rc == 2 and captured.err.strip().splitlines() == [
+        "error: ResNet8 (batch_norm=True, residual=True) on synthetic: the loss of a first "
+        "batch is nan at these weights; check the weights, the data and the loss"]
+    assert "loading" not in captured.out
+
+
+def test_a_failed_curvature_figure_does_not_stop_training(tmp_path, capsys, monkeypatch):
+    """The figure is a view of net.curvature.json (which holds every check): a warning, and
+    training goes on with every checkpoint."""
+    import support.curvature
+
+    monkeypatch.setattr(support.curvature, "plot_curvature", no_space)
+    rc = training.main(["--problem", DICT, "--epochs", "2", "--hessian-every", "1",
+                        "--hessian-samples", "100", "--hessian-mini-batch", "50", "--no-cuda",
+                        "--num-workers", "0", "--saving-folder", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    png, js = tmp_path / "net.curvature.png", tmp_path / "net.curvature.json"
+    warning = (f"warning: could not draw {png} (No space left on device; free some space or "
+               f"choose a folder on another disk); training goes on: {js} holds every check, "
+               "and the figure is drawn again at the next check")
+    assert captured.out.count(warning) == 2 and "epoch 2/2" in captured.out
+    assert sorted(os.listdir(tmp_path)) == ["net.best.pkl", "net.curvature.json", "net.pkl"]

@@ -388,3 +388,38 @@ def test_a_cancel_during_the_curvature_check_or_its_figure_stops_training(tmp_pa
     if where != "check":
         with open(folder / "net.curvature.json") as fh:
             assert [c["epoch"] for c in json.load(fh)["checks"]] == [1]
+
+
+NAN_LATER = '''
+import torch
+from torch import nn
+
+
+def model():
+    torch.manual_seed(0)
+    return nn.Linear(4, 3)
+
+
+def dataset(split):
+    x = torch.randn(40, 4, generator=torch.Generator().manual_seed(0))
+    x[39] = float("nan")  # finite on the first batch, NaN on the whole Hessian data
+    return torch.utils.data.TensorDataset(x, torch.arange(40) % 3)
+'''
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_loss_nan_on_the_hessian_data_is_one_line(tmp_path, n):
+    """Issue 19, defect 6: the first batch passes the start-up check; the loss over the whole
+    Hessian data is NaN: one error line and exit 2, on one process and on two."""
+    problem = tmp_path / "nan_later.py"
+    problem.write_text(NAN_LATER)
+    proc = subprocess.run([sys.executable, SCRIPT, "--problem", str(problem), "--eigenvalue",
+                           "--no-cuda", "--hessian-batch-size", "40", "--mini-hessian-batch-size",
+                           "10", "--device_count", str(n), "--port", "0", "--output-dir",
+                           str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: the loss on the data is nan: the model or data give non-finite values; check "
+        f"the checkpoint and the input normalisation (problem {problem})"]
+    assert not (tmp_path / "out").exists()  # a failed run leaves no empty folder
