@@ -197,10 +197,13 @@ def _run_torchrun(fn, args, cuda, backend):
     except ValueError as exc:
         raise LaunchError(str(exc)) from None
     setup(backend, device=device)
+    ctx = WorkerContext(int(os.environ["RANK"]), get_world_size(), local_rank,
+                        int(os.environ.get("LOCAL_WORLD_SIZE", 1)), device, "torchrun")
     try:
-        ctx = WorkerContext(int(os.environ["RANK"]), get_world_size(), local_rank,
-                            int(os.environ.get("LOCAL_WORLD_SIZE", 1)), device, "torchrun")
-        return fn(ctx, *args)
+        with cancels_raise():
+            return fn(ctx, *args)
+    except Interrupted as stop:
+        raise Interrupted(stop.signum, ctx._committed, note=ctx._note) from None
     finally:
         cleanup()
 
