@@ -48,13 +48,9 @@ def cancel_line(signum, committed=False, workers=0, note="") -> str:
 
 
 @contextlib.contextmanager
-def cancels_raise():
-    """Turn SIGTERM/SIGINT/SIGHUP into ``Interrupted`` while the block runs (main thread only;
-    elsewhere the signals are left alone). A signal the process was started with ignored
-    stays ignored (``nohup``'s SIGHUP, SIGINT of a background job)."""
-    def handler(signum, _frame):
-        raise Interrupted(signum)
-
+def _handled_by(handler):
+    """``handler`` for the cancel signals while the block runs (those ignored at start stay
+    ignored), the previous handlers afterwards; nothing changes outside the main thread."""
     try:
         previous = {s: signal.signal(s, handler) for s in CANCEL_SIGNALS
                     if signal.getsignal(s) is not signal.SIG_IGN}
@@ -68,6 +64,16 @@ def cancels_raise():
             signal.signal(s, h)
 
 
+def cancels_raise():
+    """Turn SIGTERM/SIGINT/SIGHUP into ``Interrupted`` while the block runs (main thread only;
+    elsewhere the signals are left alone). A signal the process was started with ignored
+    stays ignored (``nohup``'s SIGHUP, SIGINT of a background job)."""
+    def handler(signum, _frame):
+        raise Interrupted(signum)
+
+    return _handled_by(handler)
+
+
 @contextlib.contextmanager
 def cancels_held():
     """Hold SIGTERM/SIGINT/SIGHUP back while the block runs; one that arrived meanwhile is
@@ -77,39 +83,18 @@ def cancels_held():
     back from this thread only, and the kernel would hand a process-directed signal to one of
     torch's threads, whose C handler makes the main thread run the Python handler at once."""
     pending = []
-
-    def defer(signum, _frame):
-        pending.append(signum)
-
     try:
-        previous = {s: signal.signal(s, defer) for s in CANCEL_SIGNALS
-                    if signal.getsignal(s) is not signal.SIG_IGN}
-    except ValueError:  # not the main thread: nothing to hold
-        yield
-        return
-    try:
-        yield
+        with _handled_by(lambda signum, _frame: pending.append(signum)):
+            yield
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
         if pending:
             signal.raise_signal(pending[0])
 
 
-@contextlib.contextmanager
 def cancels_ignored():
     """Ignore further cancels while the block runs (stopping the workers after a first one:
     a second Ctrl-C must not cut that short); the handlers are restored afterwards."""
-    try:
-        previous = {s: signal.signal(s, signal.SIG_IGN) for s in CANCEL_SIGNALS}
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    return _handled_by(signal.SIG_IGN)
 
 
 def _exit_now(signum, _frame):

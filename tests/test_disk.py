@@ -13,6 +13,7 @@ import sys
 import tempfile
 
 import pytest
+from test_faults import snapshot
 
 from test_analysis import COMMON, ROOT, SCRIPT
 
@@ -48,21 +49,10 @@ needs_tmpfs = pytest.mark.skipif(not _can_mount_tmpfs(),
                                  reason="needs unshare -m and tmpfs mounts (root on Linux)")
 
 
-def snapshot(folder):
-    return {n: open(os.path.join(folder, n), "rb").read()
-            if os.path.isfile(os.path.join(folder, n)) else "folder"
-            for n in sorted(os.listdir(folder))}
-
-
-@pytest.fixture(scope="module")
-def earlier(checkpoint, tmp_path_factory):
+@pytest.fixture
+def earlier(complete_outputs):
     """A complete earlier output set, written by a real run on an ordinary disk."""
-    out = tmp_path_factory.mktemp("earlier")
-    proc = subprocess.run([sys.executable, SCRIPT, "--resume", checkpoint, "--output-dir",
-                           str(out), *COMMON], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr
-    return out
+    return complete_outputs
 
 
 def run_on_full_disk(tmp_path, earlier, free, args):

@@ -44,6 +44,14 @@ def alive(pid):
         return False
 
 
+def survivors(pids, within=10.0):
+    """Those of ``pids`` still alive ``within`` seconds from now (or once all are gone)."""
+    deadline = time.time() + within
+    while any(alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.2)
+    return [p for p in pids if alive(p)]
+
+
 def kill_all(pids):
     for pid in pids:
         with contextlib.suppress(OSError):
@@ -99,10 +107,7 @@ def cancel_run(checkpoint, earlier, sig, device_count=2, before=None):
         proc.send_signal(sig)
         _out, err = proc.communicate(timeout=60)
         seconds = time.time() - t0
-        deadline = time.time() + 10
-        while any(alive(w) for w in workers) and time.time() < deadline:
-            time.sleep(0.2)
-        return proc.returncode, err, seconds, [w for w in workers if alive(w)]
+        return proc.returncode, err, seconds, survivors(workers)
     finally:
         kill_all([proc.pid, *workers])
 
@@ -212,15 +217,10 @@ def snapshot(folder):
             for n in sorted(os.listdir(folder))}
 
 
-@pytest.fixture(scope="module")
-def complete(checkpoint, tmp_path_factory):
-    """A complete earlier output set (results.json and every figure), written by a real run."""
-    out = tmp_path_factory.mktemp("complete")
-    proc = subprocess.run([sys.executable, SCRIPT, "--resume", checkpoint, "--output-dir",
-                           str(out), *COMMON], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr
-    return snapshot(out)
+@pytest.fixture
+def complete(complete_outputs):
+    """The files of a complete earlier run (results.json and every figure)."""
+    return snapshot(complete_outputs)
 
 
 def restore(folder, files):
@@ -237,10 +237,7 @@ def cancel_when_blocked(args, fault, sig, script=ENTRY):
         workers = wait_for(proc, "[fault] blocked in")
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
-        deadline = time.time() + 10
-        while any(alive(w) for w in workers) and time.time() < deadline:
-            time.sleep(0.2)
-        return proc.returncode, out, err, [w for w in workers if alive(w)]
+        return proc.returncode, out, err, survivors(workers)
     finally:
         kill_all([proc.pid, *workers])
 
@@ -341,13 +338,11 @@ def test_kill_9_of_the_launcher_leaks_nothing(checkpoint, tmp_path):
         workers = wait_for(proc, "computing slowly")
         proc.kill()
         _out, err = proc.communicate(timeout=60)  # EOF: the resource tracker has ended too
-        deadline = time.time() + 10
-        while any(alive(w) for w in workers) and time.time() < deadline:
-            time.sleep(0.2)
+        left = survivors(workers)
     finally:
         kill_all([proc.pid, *workers])
     assert "leaked" not in err and "resource_tracker" not in err, err
-    assert not [w for w in workers if alive(w)]
+    assert not left
 
 
 @pytest.mark.parametrize("script", [SCRIPT, os.path.join(ROOT, "training.py")])
