@@ -19,6 +19,11 @@ the traces with error bars.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a cancel while importing: one line, not a traceback
+    from support.cancel import exit_on_cancel_while_starting
+
+    exit_on_cancel_while_starting()
+
 import json
 import os
 import sys

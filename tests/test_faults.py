@@ -345,7 +345,8 @@ def test_kill_9_of_the_launcher_leaks_nothing(checkpoint, tmp_path):
     assert not left
 
 
-@pytest.mark.parametrize("script", [SCRIPT, os.path.join(ROOT, "training.py")])
+@pytest.mark.parametrize("script", [SCRIPT, os.path.join(ROOT, "training.py"),
+                                    os.path.join(ROOT, "density_plot.py")])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_cancel_while_importing_is_one_line(script, sig):
     """Issue 19: a Ctrl-C in the first half second printed a KeyboardInterrupt traceback."""
