@@ -344,8 +344,8 @@ def check_saving_folder(args, paths) -> list:
     try:
         make_writable_folder(folder)
     except OSError as exc:
-        raise CheckpointError(f"cannot create --saving-folder {folder} ({write_error(exc)})"
-                              ) from None
+        raise CheckpointError(f"cannot create --saving-folder {folder}: {exc.strerror or exc}; "
+                              "choose a writable folder") from None
     earlier = [p for p in paths.values() if os.path.exists(p)]
     continuing = args.resume and os.path.exists(paths["last"]) and \
         os.path.samefile(paths["last"], args.resume)

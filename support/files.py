@@ -34,7 +34,7 @@ def write_error(exc: BaseException) -> str:
         return f"{reason}; the file system cannot hold a file this large"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"{reason}; choose a folder you can write to"
-    return reason
+    return reason  # e.g. "Not a directory": the path says what to do
 
 
 def _file_size_limit():

@@ -288,10 +288,10 @@ def _worker(rank, fn, args, nprocs, cuda, backend, ip, port, threads, channel):
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent handles Ctrl-C for everyone
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _raise_interrupted)  # the parent's stop: unwind, then die
-    if threads:
-        torch.set_num_threads(threads)
     try:
+        signal.signal(signal.SIGTERM, _raise_interrupted)  # the parent's stop: unwind, then die
+        if threads:
+            torch.set_num_threads(threads)
         import torch.distributed as dist
 
         device = resolve_device(cuda, rank, warn=False)

@@ -58,7 +58,9 @@ def check_output_dir(path: str, files) -> list[str]:
     try:
         make_writable_folder(path)
     except OSError as exc:
-        raise OutputError(f"--output-dir {path} is not writable ({write_error(exc)})") from None
+        reason = exc.strerror or str(exc)
+        raise OutputError(f"--output-dir {path} is not writable ({reason}); pass a folder "
+                          "you can write to") from None
     return [f for f in files if os.path.exists(os.path.join(path, f))]
 
 
