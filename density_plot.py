@@ -277,4 +277,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from support.cancel import ignore_cancels_from_now
+
+    status = main()
+    ignore_cancels_from_now()  # the run is over: Python's shutdown is not cancelled
+    sys.exit(status)

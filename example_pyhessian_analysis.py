@@ -288,4 +288,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    utils.ignore_cancels_from_now()  # the run is over: Python's shutdown is not cancelled
+    sys.exit(status)

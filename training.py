@@ -52,6 +52,7 @@ from problems import ImageProblem, check_problem, file_problem_of_record, traini
 from pyhessian_dist import batch_size
 from pyhessian_dist.batches import move_batch
 from pyhessian_dist.distributed import all_reduce_, launched_by_torchrun, print0
+from support.cancel import ignore_cancels_from_now
 from support.checkpoints import (
     capture_rng_state,
     count_parameters,
@@ -754,4 +755,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    ignore_cancels_from_now()  # the run is over: Python's shutdown is not cancelled
+    sys.exit(status)

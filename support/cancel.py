@@ -12,7 +12,11 @@ A cancel must stop the run, whatever the run is doing, and never be mistaken for
 * ``cancels_ignored()`` ignores them while a block runs (stopping the workers after a first
   cancel);
 * ``exit_on_cancel_while_starting()``: a script calls it before its heavy imports (torch), so a
-  cancel while it starts ends it with that one line instead of a traceback from an import.
+  cancel while it starts ends it with that one line instead of a traceback from an import;
+  ``ignore_cancels_from_now()`` once its run is over, so that one while Python shuts down
+  cannot turn a finished run into a killed one;
+* ``outputs_written(note)``: the run's outputs are in place; the line a later cancel prints
+  says so (``note``) instead of "no output was written".
 
 This module imports nothing heavy, so that a script can use it before torch.
 """
@@ -23,27 +27,42 @@ import os
 import signal
 
 __all__ = ["CANCEL_SIGNALS", "Interrupted", "cancel_line", "cancels_held", "cancels_ignored",
-           "cancels_raise", "exit_on_cancel_while_starting"]
+           "cancels_raise", "exit_on_cancel_while_starting", "ignore_cancels_from_now",
+           "outputs_written", "run_started"]
 
 CANCEL_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 NOTHING_WRITTEN = "no output was written and earlier files are untouched"
 
 
 class Interrupted(BaseException):
-    """The run was stopped by a signal. ``committed`` is True when the run had already written
-    its outputs; ``note`` then says what was written (e.g. which epoch a checkpoint holds);
-    ``workers`` is the number of spawned workers that were stopped."""
+    """The run was stopped by a signal; ``workers`` is the number of spawned workers that were
+    stopped."""
 
-    def __init__(self, signum, committed=False, workers=0, note=""):
+    def __init__(self, signum, workers=0):
         super().__init__(signal.Signals(signum).name)
-        self.signum, self.committed, self.workers = signum, bool(committed), workers
-        self.note = note
+        self.signum, self.workers = signum, workers
 
 
-def cancel_line(signum, committed=False, workers=0, note="") -> str:
-    """The one line a cancel prints."""
+# What this run has written so far (``outputs_written``), for the line a cancel prints; the
+# scripts' ``run_main`` starts each run with it empty (``run_started``).
+_WRITTEN: list = []
+
+
+def run_started() -> None:
+    """A run begins: nothing of it is written yet."""
+    _WRITTEN.clear()
+
+
+def outputs_written(note: str) -> None:
+    """Record that the run's outputs are in place; ``note`` says what (e.g. "checkpoints/net.pkl
+    holds epoch 3"): a cancel from now on says so instead of "no output was written"."""
+    _WRITTEN.append(note)
+
+
+def cancel_line(signum, workers=0) -> str:
+    """The one line a cancel prints: what was stopped, and what had been written."""
     stopped = f"stopped {workers} workers; " if workers else ""
-    kept = (note or "the outputs had already been written") if committed else NOTHING_WRITTEN
+    kept = _WRITTEN[-1] if _WRITTEN else NOTHING_WRITTEN
     return f"interrupted by {signal.Signals(signum).name}: {stopped}{kept}"
 
 
@@ -101,6 +120,14 @@ def _exit_now(signum, _frame):
     with contextlib.suppress(OSError):
         os.write(2, (cancel_line(signum) + "\n").encode())
     os._exit(128 + signum)
+
+
+def ignore_cancels_from_now() -> None:
+    """The run is over (its status is known): a cancel while Python shuts down (seconds, with
+    torch loaded) must not turn a finished run into a killed one. Python resets its own
+    handlers to the default while it finalises, but leaves ignored signals ignored."""
+    for s in CANCEL_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def exit_on_cancel_while_starting() -> None:

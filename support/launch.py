@@ -48,7 +48,14 @@ from pyhessian_dist.distributed import (
     setup,
 )
 from support.cancel import CANCEL_SIGNALS as SIGNALS
-from support.cancel import Interrupted, cancel_line, cancels_ignored, cancels_raise
+from support.cancel import (
+    Interrupted,
+    cancel_line,
+    cancels_ignored,
+    cancels_raise,
+    outputs_written,
+    run_started,
+)
 from support.errors import DataError, UserError
 
 __all__ = ["Interrupted", "LaunchError", "WorkerContext", "WorkerFailed", "agree",
@@ -86,15 +93,14 @@ class WorkerContext:
     device: torch.device
     mode: str                      # "single process", "spawn", "torchrun"
     _channel: object = None        # spawn: this worker's pipe to the parent
-    _committed: bool = False
-    _note: str = ""
 
-    def committed(self, note: str = "") -> None:
-        """Tell the parent that this rank's outputs are written (a later signal loses nothing);
-        ``note`` says what is written, for the line a cancel prints."""
-        self._committed, self._note = True, note
+    def committed(self, note: str) -> None:
+        """This rank's outputs are in place (a later signal loses nothing): ``note`` says what,
+        for the line a cancel prints (support.cancel.outputs_written, in the parent)."""
         if self._channel is not None:
             self._channel.send(("committed", self.rank, note))
+        else:
+            outputs_written(note)
 
 
 # ------------------------------------------------------------------------------- devices
@@ -179,11 +185,8 @@ def launch(fn, args=(), *, nprocs: int = 1, cuda: bool = False, backend: str = "
         if threads:
             torch.set_num_threads(threads)
         ctx = WorkerContext(0, 1, 0, 1, resolve_device(cuda, 0, warn=False), "single process")
-        try:
-            with cancels_raise():
-                return [fn(ctx, *args)]
-        except Interrupted as stop:
-            raise Interrupted(stop.signum, ctx._committed, note=ctx._note) from None
+        with cancels_raise():
+            return [fn(ctx, *args)]
     store = _open_store(ip, port)
     return _Supervisor(fn, args, nprocs, cuda, backend, ip, store.port, threads,
                        grace_s, timeout_s, store).run()
@@ -202,8 +205,6 @@ def _run_torchrun(fn, args, cuda, backend):
     try:
         with cancels_raise():
             return fn(ctx, *args)
-    except Interrupted as stop:
-        raise Interrupted(stop.signum, ctx._committed, note=ctx._note) from None
     finally:
         cleanup()
 
@@ -341,7 +342,7 @@ class _Supervisor:
         self.procs = [self.ctx.Process(target=_worker, daemon=False, args=(
             r, fn, args, nprocs, cuda, backend, ip, port, threads, writer))
             for r, writer in enumerate(self.writers)]
-        self.results, self.errors, self.committed, self.note = {}, [], False, ""
+        self.results, self.errors = {}, []
 
     def run(self) -> list:
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
@@ -360,7 +361,7 @@ class _Supervisor:
                 with cancels_ignored():  # a second Ctrl-C must not cut the stop short
                     self._stop_all()
                     self._drain(0.2)  # a "committed" report may still be in a pipe
-                raise Interrupted(stop.signum, self.committed, self.n, self.note) from None
+                raise Interrupted(stop.signum, self.n) from None
             except BaseException:
                 with cancels_ignored():
                     self._stop_all()
@@ -396,7 +397,7 @@ class _Supervisor:
         if kind == "ok":
             self.results[rank] = payload
         elif kind == "committed":
-            self.committed, self.note = True, payload
+            outputs_written(payload)
         else:
             self.errors.append((time.monotonic(), kind, rank, payload))
 
@@ -407,10 +408,7 @@ class _Supervisor:
             return None
         time.sleep(0.5)  # let the first failure's report and its echoes arrive
         self._drain(0.5)
-        failure = _root_cause(self.errors, dead, self.n)
-        if isinstance(failure, Interrupted):
-            failure.committed, failure.note = self.committed, self.note
-        return failure
+        return _root_cause(self.errors, dead, self.n)
 
     def _stop_all(self):
         alive = [p for p in self.procs if p.is_alive()]
@@ -458,6 +456,7 @@ def _root_cause(errors, dead, n) -> WorkerFailed | Interrupted:
 def run_main(body, *, what: str = "the run") -> int:
     """Call ``body()`` and turn every way it can end into one stderr line and an exit status;
     SIGTERM/SIGINT/SIGHUP become ``Interrupted`` while it runs."""
+    run_started()
     try:
         with cancels_raise():
             body()
@@ -474,7 +473,7 @@ def run_main(body, *, what: str = "the run") -> int:
         _err(f"error: {exc.message}; {what} was stopped (all workers ended)")
         return 1
     except Interrupted as exc:
-        _err(cancel_line(exc.signum, exc.committed, exc.workers, exc.note))
+        _err(cancel_line(exc.signum, exc.workers))
         return 128 + exc.signum
     except KeyboardInterrupt:  # SIGINT while its handler was Python's own
         _err(cancel_line(signal.SIGINT))
