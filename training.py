@@ -715,11 +715,12 @@ def save_epoch(ctx, args, plan, run, epoch, test_loss, test_acc):
         if ctx.rank != 0:
             return
         best = plan.paths["best"] if run.best[1] == epoch else None
+        note = f"{plan.paths['last']} holds epoch {epoch}"
         save_checkpoint(plan.paths["last"], run.plain, run.problem.record(),
-                        training_state=state, best_path=best, **common)
+                        training_state=state, best_path=best,
+                        on_commit=lambda: ctx.committed(note), **common)
 
     agree(ctx, write)
-    ctx.committed(f"{plan.paths['last']} holds epoch {epoch}")
 
 
 class _Progress:

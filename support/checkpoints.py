@@ -117,7 +117,7 @@ def _check_safe(value, where="training_state"):
 
 
 def save_checkpoint(path, model, problem, *, epoch, test_accuracy, args,
-                    training_state=None, best_path=None):
+                    training_state=None, best_path=None, on_commit=None):
     """Save a self-describing checkpoint atomically (loadable with weights_only=True).
 
     The file holds {"format", "format_version", "state_dict" (no ``module.`` prefix),
@@ -127,7 +127,8 @@ def save_checkpoint(path, model, problem, *, epoch, test_accuracy, args,
     "dataset", "normalization" and "image_size" that older versions wrote.
     With ``best_path``, the same checkpoint without "training_state" goes there too, and both
     files are written in full before either replaces its predecessor (a full disk or a
-    file-size limit never leaves the best checkpoint newer than the last one).
+    file-size limit never leaves the best checkpoint newer than the last one). ``on_commit()``
+    runs once they are in place, before a cancel held back meanwhile is delivered.
     Raises CheckpointError when a file cannot be written (the old files are kept).
     """
     model = unwrap_model(model)
@@ -150,7 +151,7 @@ def save_checkpoint(path, model, problem, *, epoch, test_accuracy, args,
         obj["training_state"] = training_state
     contents[os.fspath(path)] = torch_bytes(obj)
     try:
-        atomic_write_files(contents)
+        atomic_write_files(contents, on_commit)
     except OSError as exc:
         raise CheckpointError(f"cannot write checkpoint {', '.join(contents)} "
                               f"({write_error(exc)}); the earlier files are kept") from None

@@ -98,11 +98,12 @@ def _fsync_folder(folder):
         pass
 
 
-def atomic_write_files(contents) -> None:
+def atomic_write_files(contents, on_commit=None) -> None:
     """Write several files as one: every ``{path: bytes}`` is written in full to a temporary
     file beside it first (a failure removes them all and leaves every old file); then they are
     renamed into place with cancels held back, so a file-size limit or a full disk can never
-    leave one file new and another old."""
+    leave one file new and another old. ``on_commit()`` runs right after the renames, before a
+    held-back cancel is delivered (to report what is now written)."""
     staged = []
     try:
         for path, data in contents.items():
@@ -115,6 +116,8 @@ def atomic_write_files(contents) -> None:
         with cancels_held():
             for tmp, path in staged:
                 os.replace(tmp, path)
+            if on_commit is not None:
+                on_commit()
     except BaseException:
         for tmp, _path in staged:
             with contextlib.suppress(OSError):

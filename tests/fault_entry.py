@@ -18,8 +18,9 @@ stdout and sleeps until a signal ends it (the test waits for the line, then sign
 * ``staged``: the analysis's write phase, after results.json is staged, before the figures;
 * ``check``: training's curvature check, after the epoch's checkpoint is saved.
 
-``commit-signal``: the launcher receives SIGTERM while the analysis's rank 0 moves its files into
-place (cancels are held back there: the run must say the files were written).
+``commit-signal``: the launcher receives SIGTERM while rank 0 moves its files into place (the
+analysis's output set, training's first checkpoints; cancels are held back there: the run must
+say the files were written).
 """
 import contextlib
 import importlib.abc
@@ -32,6 +33,7 @@ import time
 import example_pyhessian_analysis as analysis  # PYTHONPATH=<repo root>, or pip install -e .
 import support.curvature
 import support.figures
+import support.files
 import support.outputs
 import training
 from analyses.trace import Trace
@@ -88,18 +90,21 @@ def _launcher_pid():
 
 
 def _signal_in_commit():
+    """The first block that holds cancels back (the analysis's commit, training's first
+    checkpoint) gets SIGTERM sent to the launcher inside it."""
     held, armed = support.outputs.cancels_held, [True]
 
     @contextlib.contextmanager
     def held_then_cancelled():
         with held():
-            first = bool(armed) and armed.pop()  # the first held block: the commit
+            first = bool(armed) and armed.pop()
             if first and get_rank() == RANK:
                 os.kill(_launcher_pid(), signal.SIGTERM)
                 time.sleep(1.0)  # the launcher stops the workers: SIGTERM, held back here
             yield
 
     support.outputs.cancels_held = held_then_cancelled
+    support.files.cancels_held = held_then_cancelled
 
 
 Trace.run = _faulty_run

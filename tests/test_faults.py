@@ -419,3 +419,24 @@ def test_a_loss_nan_on_the_hessian_data_is_one_line(tmp_path, n):
         "error: the loss on the data is nan: the model or data give non-finite values; check "
         f"the checkpoint and the input normalisation (problem {problem})"]
     assert not (tmp_path / "out").exists()  # a failed run leaves no empty folder
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_cancel_while_a_checkpoint_is_moved_into_place_names_its_epoch(tmp_path, n):
+    """The manual fault check found "holds epoch 1" printed while net.pkl held epoch 2 (the
+    report came after the rename): it is now sent before a held-back cancel is delivered."""
+    folder = tmp_path / "ck"
+    proc = start([*TRAIN, "--saving-folder", str(folder), "--device_count", str(n)],
+                 script=ENTRY, env={"PYHESSIAN_DIST_FAULT": "commit-signal:0"})
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        kill_all([proc.pid, *children(proc.pid)])
+    stopped = f"stopped {n} workers; " if n > 1 else ""
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted by SIGTERM: {stopped}{folder / 'net.pkl'} holds epoch 1"), err
+    from support.checkpoints import read_training_state
+
+    assert read_training_state(str(folder / "net.pkl"))[1]["epoch"] == 1
+    assert sorted(os.listdir(folder)) == ["net.best.pkl", "net.pkl"] and "epoch 2/2" not in out
