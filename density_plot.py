@@ -19,6 +19,11 @@ the traces with error bars.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a cancel while importing: one line, not a traceback
+    from support.cancel import exit_on_cancel_while_starting
+
+    exit_on_cancel_while_starting()
+
 import json
 import os
 import sys
@@ -272,4 +277,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from support.cancel import ignore_cancels_from_now
+
+    status = main()
+    ignore_cancels_from_now()  # the run is over: Python's shutdown is not cancelled
+    sys.exit(status)

@@ -20,6 +20,10 @@ import os
 # are shared with other processes (measured: bench/ "threads"); sleeping costs nothing on a
 # quiet one. Set before torch is imported; an OMP_WAIT_POLICY already set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if __name__ == "__main__":  # a cancel while importing: one line, not a traceback
+    from support.cancel import exit_on_cancel_while_starting
+
+    exit_on_cancel_while_starting()
 
 import sys
 import time
@@ -46,7 +50,8 @@ def parse_args(argv=None):
                    help="samples per mini-batch (one forward/backward pass)")
     p.add_argument("--hessian-batch-size", type=utils.positive_int, default=200,
                    help="samples in the Hessian data set (chosen from the train split by --seed)")
-    p.add_argument("--seed", type=int, default=1, help="seed for the sample choice and probes")
+    p.add_argument("--seed", type=utils.seed, default=1,
+                   help="seed for the sample choice and probes (0 to 2**32 - 1)")
     utils.add_bool_flag(p, "batch-norm", None, "model has BatchNorm (default: the checkpoint's)")
     utils.add_bool_flag(p, "residual", None, "model has residual connections (default: the "
                         "checkpoint's)")
@@ -61,7 +66,21 @@ def parse_args(argv=None):
     # the analyses: each adds its flag and options (analyses/)
     for analysis in REGISTRY:
         analysis.add_arguments(p)
-    # ours, shared by the analyses
+    _add_shared_options(p)
+    args = p.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        p.error(f"--port must be between 0 and 65535, got {args.port}")
+    if args.mini_hessian_batch_size > args.hessian_batch_size:
+        p.error(f"--mini-hessian-batch-size {args.mini_hessian_batch_size} is larger than "
+                f"--hessian-batch-size {args.hessian_batch_size}; make it at most that")
+    if not any(a.requested(args) for a in REGISTRY):
+        p.error("nothing to compute: pass at least one of "
+                + ", ".join(a.flag for a in REGISTRY))
+    return args
+
+
+def _add_shared_options(p):
+    """Our options, shared by the analyses, the launch and the outputs."""
     p.add_argument("--max-iter", type=utils.positive_int, default=100,
                    help="most products: per eigenvalue (power), in all (lanczos), probes (trace)")
     p.add_argument("--tol", type=utils.positive_float, default=1e-3,
@@ -89,21 +108,15 @@ def parse_args(argv=None):
                         "--resume the model is analysed as model() builds it (default: the "
                         "checkpoint's problem)")
     p.add_argument("--output-dir", default=".", help="where results.json and the figures go")
+    p.add_argument("--keep-partial-outputs", action="store_true",
+                   help="when a figure or file cannot be written (a full disk, a figure that "
+                        "fails), write the others and replace the earlier run's files with "
+                        "them (default: the run fails and the earlier files stay as they were)")
     p.add_argument("--reuse-graph", choices=("auto", "on", "off"), default="auto",
                    help="keep first-order graphs across products (auto: as many as fit)")
     p.add_argument("--hvp-mode", choices=pyhessian_dist.HVP_MODES, default="double_backward",
                    help="how a Hessian-vector product is computed")
     utils.add_bool_flag(p, "tf32", False, "allow TF32 on GPUs (faster, ~1e-3 relative error)")
-    args = p.parse_args(argv)
-    if not 0 <= args.port <= 65535:
-        p.error(f"--port must be between 0 and 65535, got {args.port}")
-    if args.mini_hessian_batch_size > args.hessian_batch_size:
-        p.error(f"--mini-hessian-batch-size {args.mini_hessian_batch_size} is larger than "
-                f"--hessian-batch-size {args.hessian_batch_size}; make it at most that")
-    if not any(a.requested(args) for a in REGISTRY):
-        p.error("nothing to compute: pass at least one of "
-                + ", ".join(a.flag for a in REGISTRY))
-    return args
 
 
 # ---------------------------------------------------------------------------- validate once
@@ -132,6 +145,10 @@ def validate(args) -> Plan:
     for analysis in analyses:
         analysis.check(args, analyses)
     earlier = utils.check_output_dir(args.output_dir, utils.output_files(REGISTRY))
+    stale = utils.remove_stale_staging(args.output_dir)
+    if stale:
+        print(f"note: removed {len(stale)} staging folder(s) that ended runs left in "
+              f"{args.output_dir}", file=sys.stderr)
     rank0 = not launched_by_torchrun() or os.environ.get("RANK") == "0"
     problem, model, meta, notes = load_problem(args, download=rank0)
     for line in notes:
@@ -184,13 +201,21 @@ def load_shard(args, problem, worker):
 
 def build_operator(args, problem, model, batches, worker):
     try:
-        return HessianOperator(
+        op = HessianOperator(
             model, batches=batches, forward=problem.forward, loss=problem.loss,
             device=worker.device,
             reuse_graph={"auto": "auto", "on": True, "off": False}[args.reuse_graph],
             local_processes=worker.local_world_size, hvp_mode=args.hvp_mode)
     except FloatingPointError as exc:  # the same on every rank: the loss is all-reduced
         raise utils.DataError(f"{exc} ({problem.label})") from None
+    g = op.gradient()  # all-reduced: the same on every rank
+    if not torch.isfinite(g).all():
+        bad = int((~torch.isfinite(g)).sum())
+        raise utils.DataError(f"{bad} of the {g.numel():,} gradient components of the loss at "
+                              f"these weights are not finite in {op.dtype} (the loss is "
+                              f"{op.loss():.4g}), so Hessian-vector products would be too; "
+                              f"check the weights ({problem.label})")
+    return op
 
 
 def worker(ctx, args, plan):
@@ -233,9 +258,10 @@ def worker(ctx, args, plan):
                       "checkpoint": {k: meta.get(k) for k in (
                           "path", "source", "epoch", "test_accuracy")}}
         record = utils.run_record(args, ctx, op, model_info, data, analyses, actx, t_start)
-        written, removed, warnings = utils.write_outputs(args, record, analyses, actx,
-                                                         utils.output_files(REGISTRY))
-        ctx.committed()
+        note = f"this run's files had already been written to {args.output_dir}"
+        written, removed, warnings = utils.write_outputs(
+            args, record, analyses, actx, utils.output_files(REGISTRY),
+            on_commit=lambda: ctx.committed(note))
         for line in warnings:
             print0(line)
         print0("wrote " + ", ".join(written)
@@ -244,11 +270,16 @@ def worker(ctx, args, plan):
 
 # ---------------------------------------------------------------------------- main
 def analyse(args):
-    plan = validate(args)
-    print0(f"pyhessian-dist {pyhessian_dist.__version__} | {plan.problem.describe()} | "
-           f"{args.resume or 'as model() builds it'}")
-    utils.launch(worker, (args, plan), nprocs=plan.nprocs, cuda=plan.cuda,
-                 backend=args.backend, ip=args.ip, port=args.port)
+    # a run that fails or is cancelled leaves no empty folder it made, and no staging folder
+    with utils.removed_if_left_empty(args.output_dir, args.data_dir):
+        plan = validate(args)
+        print0(f"pyhessian-dist {pyhessian_dist.__version__} | {plan.problem.describe()} | "
+               f"{args.resume or 'as model() builds it'}")
+        try:
+            utils.launch(worker, (args, plan), nprocs=plan.nprocs, cuda=plan.cuda,
+                         backend=args.backend, ip=args.ip, port=args.port)
+        finally:
+            utils.remove_stale_staging(args.output_dir, own=True)
 
 
 def main(argv=None):
@@ -257,4 +288,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    utils.ignore_cancels_from_now()  # the run is over: Python's shutdown is not cancelled
+    sys.exit(status)

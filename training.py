@@ -31,6 +31,10 @@ import os
 # are shared with other processes (measured: bench/ "threads"); sleeping costs nothing on a
 # quiet one. Set before torch is imported; an OMP_WAIT_POLICY already set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if __name__ == "__main__":  # a cancel while importing: one line, not a traceback
+    from support.cancel import exit_on_cancel_while_starting
+
+    exit_on_cancel_while_starting()
 
 import argparse
 import bisect
@@ -48,6 +52,7 @@ from problems import ImageProblem, check_problem, file_problem_of_record, traini
 from pyhessian_dist import batch_size
 from pyhessian_dist.batches import move_batch
 from pyhessian_dist.distributed import all_reduce_, launched_by_torchrun, print0
+from support.cancel import ignore_cancels_from_now
 from support.checkpoints import (
     capture_rng_state,
     count_parameters,
@@ -64,11 +69,12 @@ from support.cli import (
     positive_float,
     positive_int,
     resnet_depth,
+    seed,
 )
 from support.curvature import CurvatureTracker, check_line, curvature_paths, load_curvature
 from support.datasets import DATASETS, hessian_subset
 from support.errors import CheckpointError, UserError
-from support.files import make_writable_folder
+from support.files import make_writable_folder, removed_if_left_empty, write_error
 from support.launch import agree, check_cpu_workers, launch, run_main
 from support.models import has_batch_norm, resolve_model_spec
 
@@ -104,7 +110,7 @@ def build_parser():
                    help="factor the learning rate is multiplied by at each --lr-decay-epoch")
     p.add_argument("--lr-decay-epoch", type=positive_int, nargs="+", default=[80, 120],
                    help="epochs after which the learning rate decays")
-    p.add_argument("--seed", type=int, default=1,
+    p.add_argument("--seed", type=seed, default=1,
                    help="random seed (initialisation, shuffling, augmentation, Hessian subset)")
     p.add_argument("--weight-decay", type=nonnegative_float, default=5e-4, help="SGD weight decay")
     add_bool_flag(p, "batch-norm", True, "use batch normalisation")
@@ -676,8 +682,8 @@ def track_curvature(ctx, run, epoch, stats, test_loss, test_acc):
         try:
             warning = tracker.write()
         except OSError as exc:
-            raise CheckpointError(f"cannot write {tracker.json_path}: {exc.strerror or exc}; "
-                                  "choose a writable --saving-folder") from None
+            raise CheckpointError(f"cannot write {tracker.json_path} ({write_error(exc)})"
+                                  ) from None
         if warning:
             print0(warning)
 
@@ -708,13 +714,13 @@ def save_epoch(ctx, args, plan, run, epoch, test_loss, test_acc):
     def write():
         if ctx.rank != 0:
             return
-        record = run.problem.record()
-        if run.best[1] == epoch:
-            save_checkpoint(plan.paths["best"], run.plain, record, **common)
-        save_checkpoint(plan.paths["last"], run.plain, record, training_state=state, **common)
+        best = plan.paths["best"] if run.best[1] == epoch else None
+        note = f"{plan.paths['last']} holds epoch {epoch}"
+        save_checkpoint(plan.paths["last"], run.plain, run.problem.record(),
+                        training_state=state, best_path=best,
+                        on_commit=lambda: ctx.committed(note), **common)
 
     agree(ctx, write)
-    ctx.committed()
 
 
 class _Progress:
@@ -737,9 +743,11 @@ class _Progress:
 
 # ---------------------------------------------------------------------------- main
 def train(args):
-    plan = validate(args)
-    launch(train_worker, (args, plan), nprocs=plan.nprocs, cuda=plan.cuda,
-           backend=args.backend, ip=args.ip, port=args.port)
+    # a run that fails or is cancelled before its first checkpoint leaves no empty folder
+    with removed_if_left_empty(args.saving_folder, args.data_dir):
+        plan = validate(args)
+        launch(train_worker, (args, plan), nprocs=plan.nprocs, cuda=plan.cuda,
+               backend=args.backend, ip=args.ip, port=args.port)
 
 
 def main(argv=None):
@@ -748,4 +756,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    ignore_cancels_from_now()  # the run is over: Python's shutdown is not cancelled
+    sys.exit(status)

@@ -4,6 +4,8 @@ one name.
 training.py, example_pyhessian_analysis.py, bench/ and the tests import ``utils.X``; the code
 lives in small modules, one job each (each module's ``__all__`` is what it exports here):
 
+* ``support.cancel``      -- cancels (SIGTERM, Ctrl-C, SIGHUP): ``Interrupted``, a
+  BaseException no ``except Exception`` can swallow;
 * ``support.errors``      -- UserError (printed as ``error: <message>``, exit 2), DataError,
   CheckpointError;
 * ``support.files``       -- atomic writes;
@@ -27,6 +29,7 @@ import importlib
 
 import problems
 from problems import *  # noqa: F403
+from support.cancel import *  # noqa: F403
 from support.checkpoints import *  # noqa: F403
 from support.cli import *  # noqa: F403
 from support.curvature import *  # noqa: F403
@@ -40,8 +43,8 @@ from support.models import *  # noqa: F403
 from support.outputs import *  # noqa: F403
 from support.report import *  # noqa: F403
 
-_MODULES = ("checkpoints", "cli", "curvature", "datasets", "errors", "figures", "files", "launch",
-            "models", "outputs", "report")
+_MODULES = ("cancel", "checkpoints", "cli", "curvature", "datasets", "errors", "figures",
+            "files", "launch", "models", "outputs", "report")
 __all__ = sorted({name for module in _MODULES
                   for name in importlib.import_module(f"support.{module}").__all__}
                  | set(problems.__all__))

@@ -204,15 +204,22 @@ class Landscape(Analysis):
         lines = [f"***Landscape ({r.mode}): loss at 0 = {r.loss_at_zero:.6g}{acc}; offsets in "
                  f"[-{r.radius:.4g}, {r.radius:.4g}] ({len(r.offsets)} points, "
                  f"R {r.radius_rule}) along unit directions:"]
-        parts = [f"{_short(c['name'])}: loss in [{min(c['loss']):.4g}, {max(c['loss']):.4g}]"
-                 for c in r.directions]
+        parts = [f"{_short(c['name'])}: loss in {_loss_range(c['loss'])}" for c in r.directions]
         lines.append("    " + "; ".join(parts))
         if len(r.directions) < 3:
             lines.append("    (no gradient direction: the gradient is exactly zero)")
+        flat = [x for c in r.directions for x in c["loss"]]
         if r.grid is not None:
-            flat = [x for row in r.grid["loss"] for x in row]
+            grid = [x for row in r.grid["loss"] for x in row]
+            flat += grid
             lines.append(f"    grid over v1 x v2 ({len(r.offsets)} x {len(r.offsets)}): loss in "
-                         f"[{min(flat):.4g}, {max(flat):.4g}]")
+                         f"{_loss_range(grid)}")
+        bad = sum(not math.isfinite(x) for x in flat)
+        if bad:
+            lines.append(f"    warning: the loss is not finite at {bad} of {len(flat)} points "
+                         f"(left out above and blank in the figure): at offsets this large the "
+                         f"weights overflow; lower --landscape-radius (now {r.radius:.4g}, "
+                         f"{r.radius_rule})")
         c = r.curvature_check
         lines.append(f"    curvature check: second difference along v1 = "
                      f"{c['second_difference']:.6g} vs lambda_1 = {c['lambda_1']:.6g} (rel. diff "
@@ -249,6 +256,14 @@ def _check_note(check) -> str | None:
                 "nearest kink")
     return ("a smooth model agrees to ~1e-3 in float32, ~1e-7 in float64: check that "
             "lambda_1 converged (--tol) and that the loss is finite near theta")
+
+
+def _loss_range(losses) -> str:
+    """"[lo, hi]" of the finite losses (and how many are not finite)."""
+    finite = [x for x in losses if math.isfinite(x)]
+    text = f"[{min(finite):.4g}, {max(finite):.4g}]" if finite else "[n/a]"
+    return text + (f" ({len(losses) - len(finite)} not finite)" if len(finite) < len(losses)
+                   else "")
 
 
 def _short(name):

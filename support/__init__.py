@@ -2,9 +2,13 @@
 
 One job per module:
 
+* ``cancel``      -- cancels (SIGTERM, Ctrl-C, SIGHUP): ``Interrupted`` (a BaseException),
+  cancels raised, held back, or ending a script that is still importing;
 * ``errors``      -- UserError (printed as ``error: <message>``, exit 2), DataError,
   CheckpointError;
-* ``files``       -- atomic writes (``atomic_write_bytes``, ``atomic_torch_save``);
+* ``files``       -- atomic writes (``atomic_write_bytes``, ``atomic_write_files``,
+  ``atomic_torch_save``), ``write_error`` (why a write failed, in words),
+  ``removed_if_left_empty`` (no empty folder left by a failed run);
 * ``datasets``    -- data sets (cifar10, cifar100, imagefolder, synthetic), ``hessian_subset``,
   ``shard_batches``;
 * ``checkpoints`` -- ``save_checkpoint`` / ``load_checkpoint`` (read file -> parse ours or the

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from support.errors import CheckpointError, short_reason
-from support.files import atomic_torch_save
+from support.files import atomic_write_files, torch_bytes, write_error
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -117,7 +117,7 @@ def _check_safe(value, where="training_state"):
 
 
 def save_checkpoint(path, model, problem, *, epoch, test_accuracy, args,
-                    training_state=None):
+                    training_state=None, best_path=None, on_commit=None):
     """Save a self-describing checkpoint atomically (loadable with weights_only=True).
 
     The file holds {"format", "format_version", "state_dict" (no ``module.`` prefix),
@@ -125,7 +125,11 @@ def save_checkpoint(path, model, problem, *, epoch, test_accuracy, args,
     when given, "training_state" (tensors and plain types only; see ``read_training_state``).
     The built-in image problem's record is also spread into the top-level keys "arch",
     "dataset", "normalization" and "image_size" that older versions wrote.
-    Raises CheckpointError when the file cannot be written.
+    With ``best_path``, the same checkpoint without "training_state" goes there too, and both
+    files are written in full before either replaces its predecessor (a full disk or a
+    file-size limit never leaves the best checkpoint newer than the last one). ``on_commit()``
+    runs once they are in place, before a cancel held back meanwhile is delivered.
+    Raises CheckpointError when a file cannot be written (the old files are kept).
     """
     model = unwrap_model(model)
     obj = {
@@ -141,16 +145,16 @@ def save_checkpoint(path, model, problem, *, epoch, test_accuracy, args,
     if problem.get("kind") == "images":
         obj.update({k: _plain(problem[k]) for k in ("arch", "dataset", "normalization",
                                                    "image_size")})
+    contents = {os.fspath(best_path): torch_bytes(obj)} if best_path else {}
     if training_state is not None:
         _check_safe(training_state)
         obj["training_state"] = training_state
+    contents[os.fspath(path)] = torch_bytes(obj)
     try:
-        atomic_torch_save(obj, path)
+        atomic_write_files(contents, on_commit)
     except OSError as exc:
-        raise CheckpointError(
-            f"cannot write checkpoint {path}: {exc.strerror or short_reason(exc)}; "
-            f"choose a writable --saving-folder"
-        ) from None
+        raise CheckpointError(f"cannot write checkpoint {', '.join(contents)} "
+                              f"({write_error(exc)}); the earlier files are kept") from None
 
 
 # ---- training state (--resume) --------------------------------------------------------------

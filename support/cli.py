@@ -14,6 +14,7 @@ __all__ = [
     "positive_float",
     "positive_int",
     "resnet_depth",
+    "seed",
 ]
 
 
@@ -66,6 +67,10 @@ positive_int = _number(int, lambda v: v > 0, "a positive integer")
 nonnegative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
 positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 nonnegative_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a non-negative number")
+# torch's CPU generator (mt19937) keeps only the low 32 bits of a seed, and numpy takes 32 bits:
+# larger seeds would overflow torch.manual_seed or alias smaller ones
+SEED_LIMIT = 2**32
+seed = _number(int, lambda v: 0 <= v < SEED_LIMIT, f"an integer from 0 to {SEED_LIMIT - 1}")
 
 
 def resnet_depth(text):

@@ -39,7 +39,7 @@ from pyhessian_dist.results import json_safe
 from support.datasets import hessian_subset, shard_batches
 from support.errors import UserError
 from support.figures import plot_curvature
-from support.files import atomic_write_bytes
+from support.files import atomic_write_bytes, write_error
 
 __all__ = ["CURVATURE_FORMAT", "LANCZOS_MAX_STEPS", "LANCZOS_TOL", "TRACE_MAX_PROBES",
            "TRACE_RSE", "CurvatureTracker", "check_line", "curvature_paths", "load_curvature"]
@@ -163,7 +163,11 @@ class CurvatureTracker:
 
     def write(self) -> str | None:
         """Rank 0: write the JSON, then the figure (atomically); a warning line when the figure
-        fails (the JSON is kept), else None. OSError for an unwritable JSON."""
+        fails, else None. OSError for an unwritable JSON.
+
+        A failed figure does not stop training: the figure is a view of the JSON, which holds
+        every check, and it is drawn again from all of them at the next check; a cancel is not
+        a failure (``Interrupted`` is no ``Exception``) and stops the run."""
         doc = {"format": CURVATURE_FORMAT, "version": 1, "settings": self.settings,
                "checks": self.checks, "epochs": self.epoch_log}
         text = json.dumps(json_safe(doc), indent=1, allow_nan=False)
@@ -172,7 +176,9 @@ class CurvatureTracker:
             atomic_write_bytes(self.png_path, plot_curvature(
                 self.checks, self.epoch_log, self.momentum, self.problem.loss_description))
         except Exception as exc:  # noqa: BLE001 - a figure must never stop a training run
-            return f"warning: could not draw {self.png_path}: {type(exc).__name__}: {exc}"
+            return (f"warning: could not draw {self.png_path} ({write_error(exc)}); training "
+                    f"goes on: {self.json_path} holds every check, and the figure is drawn "
+                    "again at the next check")
         return None
 
 

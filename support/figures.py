@@ -20,6 +20,7 @@ import contextlib
 import io
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 from pyhessian_dist.density import gaussian_density
@@ -34,12 +35,22 @@ _POSITIVE, _NEGATIVE = "tab:blue", "tab:red"
 
 
 def _pyplot():
-    """pyplot on the Agg backend, imported when the first figure is drawn."""
-    import matplotlib
+    """pyplot on the Agg backend, imported when the first figure is drawn.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    An import cut short (a cancel while it runs, in a process that goes on: a test, a
+    notebook) takes back every module it had loaded: Python drops only the module whose code
+    was interrupted, and a later import would find its half-initialised siblings (``module
+    'matplotlib' has no attribute ...`` in every later figure)."""
+    before = set(sys.modules)
+    try:
+        import matplotlib
 
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except BaseException:
+        for name in set(sys.modules) - before:
+            del sys.modules[name]
+        raise
     return plt
 
 
@@ -344,12 +355,17 @@ def _direction_label(name):
             "gradient": "gradient (ascent for a > 0)"}.get(name, name)
 
 
+def _nan_for_none(values) -> list:
+    """Values of results.json with null (a non-finite number) as NaN: a gap in a line."""
+    return [math.nan if v is None else v for v in values]
+
+
 def _landscape_loss(ax, data):
     a = data["offsets"]
-    lo = min(min(c["loss"]) for c in data["directions"])
-    hi = max(max(c["loss"]) for c in data["directions"])
+    finite = [v for c in data["directions"] for v in c["loss"] if is_number(v)]
+    lo, hi = min(finite), max(finite)  # the loss at 0 is finite: checked when the run starts
     for c in data["directions"]:
-        ax.plot(a, c["loss"], marker=".", color=_DIRECTION_COLORS.get(c["name"]),
+        ax.plot(a, _nan_for_none(c["loss"]), marker=".", color=_DIRECTION_COLORS.get(c["name"]),
                 label=_direction_label(c["name"]))
     v1 = data["directions"][0]
     L0, slope, lam = data["loss_at_zero"], v1["slope"], data["lambda_1"]
@@ -385,8 +401,9 @@ def _landscape_grid(fig, ax, data):
     from matplotlib import colors
 
     a = np.asarray(data["offsets"])
-    Z = np.asarray(data["grid"]["loss"]).T  # rows of the stored grid run along v1 (x)
-    lo, hi = float(Z.min()), float(Z.max())
+    # rows of the stored grid run along v1 (x); a non-finite loss (null) is left blank
+    Z = np.array([_nan_for_none(row) for row in data["grid"]["loss"]], dtype=float).T
+    lo, hi = float(np.nanmin(Z)), float(np.nanmax(Z))
     if lo > 0 and hi / lo > 50:  # spans decades: log-spaced levels keep the basin visible
         levels = np.geomspace(lo, hi, 25)
         norm = colors.LogNorm(lo, hi)

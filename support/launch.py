@@ -15,7 +15,11 @@ The parent supervises the workers: the first worker to fail (an exception, a sig
 SIGKILL from the out-of-memory killer, a non-zero exit) stops all the others within seconds
 and becomes one :class:`WorkerFailed`; SIGTERM, SIGINT and SIGHUP stop every worker
 (SIGTERM, then SIGKILL after a grace period, also for a stopped or hung worker) and become
-:class:`Interrupted`. Workers die with the parent (PR_SET_PDEATHSIG on Linux).
+:class:`Interrupted` (support.cancel: a ``BaseException``, so no ``except Exception`` swallows
+it). A worker turns the parent's SIGTERM into ``Interrupted`` too, so its ``finally`` blocks
+run (a staging folder is removed) before it dies by the signal. Workers die with the parent
+(PR_SET_PDEATHSIG on Linux). They report to the parent through one pipe each (no semaphores:
+a parent killed with SIGKILL leaves nothing for multiprocessing's resource tracker to warn of).
 ``run_main`` turns all of these, and :class:`~support.errors.UserError`, into one line and an
 exit status: 2 for a user error, 1 for a failure, 128 + signal number for a signal.
 """
@@ -25,7 +29,6 @@ import contextlib
 import ctypes
 import datetime
 import os
-import queue
 import signal
 import socket
 import sys
@@ -44,13 +47,21 @@ from pyhessian_dist.distributed import (
     launched_by_torchrun,
     setup,
 )
+from support.cancel import CANCEL_SIGNALS as SIGNALS
+from support.cancel import (
+    Interrupted,
+    cancel_line,
+    cancels_ignored,
+    cancels_raise,
+    outputs_written,
+    run_started,
+)
 from support.errors import DataError, UserError
 
 __all__ = ["Interrupted", "LaunchError", "WorkerContext", "WorkerFailed", "agree",
            "broadcast_module", "check_same_data", "gather_objects",
            "check_cpu_workers", "free_port", "launch", "resolve_device", "run_main"]
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 WORKER_MEMORY_BYTES = 600 * 2**20  # measured: one CPU worker holds ~0.6 GB before its data
 
 
@@ -71,15 +82,6 @@ class WorkerFailed(Exception):
         self.message, self.details = message, details
 
 
-class Interrupted(Exception):
-    """The run was stopped by a signal; ``committed`` is True when rank 0 had already written
-    its outputs."""
-
-    def __init__(self, signum, committed=False, workers=0):
-        super().__init__(signal.Signals(signum).name)
-        self.signum, self.committed, self.workers = signum, committed, workers
-
-
 @dataclass
 class WorkerContext:
     """What a rank knows about the launch."""
@@ -90,14 +92,15 @@ class WorkerContext:
     local_world_size: int
     device: torch.device
     mode: str                      # "single process", "spawn", "torchrun"
-    _queue: object = None
-    _committed: bool = False
+    _channel: object = None        # spawn: this worker's pipe to the parent
 
-    def committed(self) -> None:
-        """Tell the parent that this rank's outputs are written (a later signal loses nothing)."""
-        self._committed = True
-        if self._queue is not None:
-            self._queue.put(("committed", self.rank, None))
+    def committed(self, note: str) -> None:
+        """This rank's outputs are in place (a later signal loses nothing): ``note`` says what,
+        for the line a cancel prints (support.cancel.outputs_written, in the parent)."""
+        if self._channel is not None:
+            self._channel.send(("committed", self.rank, note))
+        else:
+            outputs_written(note)
 
 
 # ------------------------------------------------------------------------------- devices
@@ -182,11 +185,8 @@ def launch(fn, args=(), *, nprocs: int = 1, cuda: bool = False, backend: str = "
         if threads:
             torch.set_num_threads(threads)
         ctx = WorkerContext(0, 1, 0, 1, resolve_device(cuda, 0, warn=False), "single process")
-        try:
-            with _signals_raise():
-                return [fn(ctx, *args)]
-        except Interrupted as stop:
-            raise Interrupted(stop.signum, ctx._committed) from None
+        with cancels_raise():
+            return [fn(ctx, *args)]
     store = _open_store(ip, port)
     return _Supervisor(fn, args, nprocs, cuda, backend, ip, store.port, threads,
                        grace_s, timeout_s, store).run()
@@ -200,10 +200,11 @@ def _run_torchrun(fn, args, cuda, backend):
     except ValueError as exc:
         raise LaunchError(str(exc)) from None
     setup(backend, device=device)
+    ctx = WorkerContext(int(os.environ["RANK"]), get_world_size(), local_rank,
+                        int(os.environ.get("LOCAL_WORLD_SIZE", 1)), device, "torchrun")
     try:
-        ctx = WorkerContext(int(os.environ["RANK"]), get_world_size(), local_rank,
-                            int(os.environ.get("LOCAL_WORLD_SIZE", 1)), device, "torchrun")
-        return fn(ctx, *args)
+        with cancels_raise():
+            return fn(ctx, *args)
     finally:
         cleanup()
 
@@ -280,13 +281,18 @@ def _die_with_parent() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _worker(rank, fn, args, nprocs, cuda, backend, ip, port, threads, out_queue):
+def _raise_interrupted(signum, _frame):
+    raise Interrupted(signum)
+
+
+def _worker(rank, fn, args, nprocs, cuda, backend, ip, port, threads, channel):
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent handles Ctrl-C for everyone
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    if threads:
-        torch.set_num_threads(threads)
     try:
+        signal.signal(signal.SIGTERM, _raise_interrupted)  # the parent's stop: unwind, then die
+        if threads:
+            torch.set_num_threads(threads)
         import torch.distributed as dist
 
         device = resolve_device(cuda, rank, warn=False)
@@ -298,17 +304,26 @@ def _worker(rank, fn, args, nprocs, cuda, backend, ip, port, threads, out_queue)
         dist.init_process_group(backend, store=store, rank=rank, world_size=nprocs,
                                 timeout=datetime.timedelta(seconds=600), **kwargs)
         try:
-            ctx = WorkerContext(rank, nprocs, rank, nprocs, device, "spawn", out_queue)
-            out_queue.put(("ok", rank, fn(ctx, *args)))
+            ctx = WorkerContext(rank, nprocs, rank, nprocs, device, "spawn", channel)
+            channel.send(("ok", rank, fn(ctx, *args)))
         finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # from here on a stop just ends it
             cleanup()
+    except Interrupted as stop:  # its finally blocks have run: now die by the signal
+        signal.signal(stop.signum, signal.SIG_DFL)
+        os.kill(os.getpid(), stop.signum)
     except UserError as exc:
-        out_queue.put(("peer" if isinstance(exc, PeerFailed) else "user", rank, str(exc)))
+        _report(channel, "peer" if isinstance(exc, PeerFailed) else "user", rank, str(exc))
         sys.exit(2)
     except BaseException as exc:  # noqa: BLE001 - everything goes to the parent
-        out_queue.put(("crash", rank, f"{type(exc).__name__}: {exc}".splitlines()[0]
-                       + "\x00" + traceback.format_exc()))
+        _report(channel, "crash", rank, f"{type(exc).__name__}: {exc}".splitlines()[0]
+                + "\x00" + traceback.format_exc())
         sys.exit(1)
+
+
+def _report(channel, kind, rank, payload):
+    with contextlib.suppress(OSError):  # the parent is gone: nobody to tell
+        channel.send((kind, rank, payload))
 
 
 class _Supervisor:
@@ -319,20 +334,21 @@ class _Supervisor:
         import multiprocessing as mp
 
         self.ctx = mp.get_context("spawn")
-        self.queue = self.ctx.Queue()
+        pipes = [self.ctx.Pipe(duplex=False) for _ in range(nprocs)]
+        self.readers = [reader for reader, _ in pipes]
+        self.writers = [writer for _, writer in pipes]
         self.n, self.grace_s, self.timeout_s = nprocs, grace_s, timeout_s
         self.store = store  # held until the end: the port stays ours
         self.procs = [self.ctx.Process(target=_worker, daemon=False, args=(
-            r, fn, args, nprocs, cuda, backend, ip, port, threads, self.queue))
-            for r in range(nprocs)]
-        self.results, self.errors, self.committed = {}, [], False
+            r, fn, args, nprocs, cuda, backend, ip, port, threads, writer))
+            for r, writer in enumerate(self.writers)]
+        self.results, self.errors = {}, []
 
     def run(self) -> list:
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
-        with _signals_raise():
+        with cancels_raise():
             try:
-                for p in self.procs:
-                    p.start()
+                self._start()
                 while len(self.results) < self.n:
                     self._drain(0.2)
                     failed = self._failure()
@@ -342,33 +358,48 @@ class _Supervisor:
                         raise WorkerFailed(0, self.n, "crash",
                                            f"timed out after {self.timeout_s:.0f} s")
             except Interrupted as stop:
-                self._stop_all()
-                self._drain(0.2)  # a "committed" report may still be in the queue
-                raise Interrupted(stop.signum, self.committed, self.n) from None
+                with cancels_ignored():  # a second Ctrl-C must not cut the stop short
+                    self._stop_all()
+                    self._drain(0.2)  # a "committed" report may still be in a pipe
+                raise Interrupted(stop.signum, self.n) from None
             except BaseException:
-                self._stop_all()
+                with cancels_ignored():
+                    self._stop_all()
                 raise
         for p in self.procs:
             p.join(timeout=30)
         return [self.results[r] for r in range(self.n)]
 
+    def _start(self):
+        for p in self.procs:
+            p.start()
+        for writer in self.writers:  # the workers hold them: a dead worker's pipe reads EOF
+            writer.close()
+
     def _drain(self, timeout):
-        try:
-            item = self.queue.get(timeout=timeout)
-        except queue.Empty:
+        """Read every report that arrives within ``timeout`` seconds (and those queued)."""
+        from multiprocessing.connection import wait
+
+        if not self.readers:
+            time.sleep(timeout)
             return
-        while True:
-            kind, rank, payload = item
-            if kind == "ok":
-                self.results[rank] = payload
-            elif kind == "committed":
-                self.committed = True
-            else:
-                self.errors.append((time.monotonic(), kind, rank, payload))
+        for conn in wait(self.readers, timeout):
             try:
-                item = self.queue.get_nowait()
-            except queue.Empty:
-                return
+                while True:
+                    self._record(*conn.recv())
+                    if not conn.poll():
+                        break
+            except (EOFError, OSError):  # the worker has exited and said all it had to
+                self.readers.remove(conn)
+                conn.close()
+
+    def _record(self, kind, rank, payload):
+        if kind == "ok":
+            self.results[rank] = payload
+        elif kind == "committed":
+            outputs_written(payload)
+        else:
+            self.errors.append((time.monotonic(), kind, rank, payload))
 
     def _failure(self):
         dead = [(r, p.exitcode) for r, p in enumerate(self.procs)
@@ -421,29 +452,14 @@ def _root_cause(errors, dead, n) -> WorkerFailed | Interrupted:
     return WorkerFailed(rank, n, "exit", f"worker {rank} of {n} exited with status {code}")
 
 
-@contextlib.contextmanager
-def _signals_raise():
-    """Turn SIGTERM/SIGINT/SIGHUP into ``Interrupted`` while the block runs (main thread)."""
-    def handler(signum, _frame):
-        raise Interrupted(signum)
-
-    try:
-        previous = {s: signal.signal(s, handler) for s in SIGNALS}
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
 # ------------------------------------------------------------------------------- main
 def run_main(body, *, what: str = "the run") -> int:
-    """Call ``body()`` and turn every way it can end into one stderr line and an exit status."""
+    """Call ``body()`` and turn every way it can end into one stderr line and an exit status;
+    SIGTERM/SIGINT/SIGHUP become ``Interrupted`` while it runs."""
+    run_started()
     try:
-        body()
+        with cancels_raise():
+            body()
         return 0
     except UserError as exc:
         _err(f"error: {exc}")
@@ -457,14 +473,10 @@ def run_main(body, *, what: str = "the run") -> int:
         _err(f"error: {exc.message}; {what} was stopped (all workers ended)")
         return 1
     except Interrupted as exc:
-        name = signal.Signals(exc.signum).name
-        stopped = f"stopped {exc.workers} workers; " if exc.workers else ""
-        kept = ("the outputs had already been written" if exc.committed
-                else "no output was written and earlier files are untouched")
-        _err(f"interrupted by {name}: {stopped}{kept}")
+        _err(cancel_line(exc.signum, exc.workers))
         return 128 + exc.signum
-    except KeyboardInterrupt:
-        _err("interrupted by SIGINT: no output was written and earlier files are untouched")
+    except KeyboardInterrupt:  # SIGINT while its handler was Python's own
+        _err(cancel_line(signal.SIGINT))
         return 130
     except BrokenPipeError:  # e.g. piped into `head`: stop quietly
         with contextlib.suppress(OSError):

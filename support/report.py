@@ -16,9 +16,10 @@ import torch
 
 import pyhessian_dist
 from support.figures import plot_convergence
-from support.outputs import RunOutputs
+from support.outputs import OutputError, RunOutputs
 
-__all__ = ["describe_device", "describe_setup", "output_files", "run_record", "write_outputs"]
+__all__ = ["describe_device", "describe_setup", "gradient_norm", "output_files", "run_record",
+           "write_outputs"]
 
 
 def describe_device(device) -> dict:
@@ -26,6 +27,12 @@ def describe_device(device) -> dict:
         return {"type": "cuda", "name": torch.cuda.get_device_name(device)}
     return {"type": "cpu", "name": platform.processor() or platform.machine(),
             "threads_per_process": torch.get_num_threads()}
+
+
+def gradient_norm(op) -> float:
+    """||g|| in float64: a float32 norm overflows to inf once the components pass ~1e19,
+    although every component (and every product) is finite."""
+    return op.gradient().to(torch.float64).norm().item()
 
 
 def describe_setup(op, data, worker, seconds) -> list[str]:
@@ -39,7 +46,7 @@ def describe_setup(op, data, worker, seconds) -> list[str]:
         f"world size {worker.world_size} ({worker.mode}), backend {backend}, device "
         f"{op.device.type}{threads}; {op.dim:,} trainable parameters",
         f"loss {op.loss():.6g} ({data['loss']} on these samples), gradient norm "
-        f"{op.gradient().norm().item():.4g}; set-up {seconds:.1f} s",
+        f"{gradient_norm(op):.4g}; set-up {seconds:.1f} s",
         f"HVP: {op.hvp_mode}; {op.describe_memory()}",
     ]
 
@@ -54,7 +61,7 @@ def run_record(args, worker, op, model_info, data, analyses, ctx, t_start) -> di
         "versions": {"pyhessian_dist": pyhessian_dist.__version__, "torch": torch.__version__,
                      "python": platform.python_version()},
         "model": model_info, "data": data,
-        "loss": op.loss(), "gradient_norm": op.gradient().norm().item(),
+        "loss": op.loss(), "gradient_norm": gradient_norm(op),
         "operator": op.stats(), "results": results, "costs": ctx.costs,
         "seconds_total": time.perf_counter() - t_start,
     }
@@ -71,12 +78,15 @@ def output_files(analyses) -> tuple:
     return files
 
 
-def write_outputs(args, record, analyses, ctx, files) -> tuple[list[str], list[str], list[str]]:
+def write_outputs(args, record, analyses, ctx, files, on_commit=None
+                  ) -> tuple[list[str], list[str], list[str]]:
     """Stage results.json, then each analysis's files and the convergence figure of the panels
     the analyses contribute, and commit them together in --output-dir, which manages ``files``
-    (stale ones of an earlier run are removed); returns (written paths, stale files removed,
-    warnings)."""
-    with RunOutputs(args.output_dir, files) as out:
+    (stale ones of an earlier run are removed; ``on_commit()`` once they are in place); returns
+    (written paths, stale files removed, warnings). A file that cannot be written is an
+    OutputError and nothing is replaced, unless --keep-partial-outputs (then a warning)."""
+    with RunOutputs(args.output_dir, files, getattr(args, "keep_partial_outputs", False),
+                    on_commit) as out:
         out.write_json("results.json", record)
         panels = []
         for a in analyses:
@@ -92,11 +102,12 @@ def write_outputs(args, record, analyses, ctx, files) -> tuple[list[str], list[s
 
 
 def _guarded(out, what, fn):
-    """``fn()``; None and a warning line when it fails (a figure must never cost the
-    results)."""
+    """``fn()``; when a unit's own code fails, ``out.failed`` (the run ends, or a warning and
+    None with --keep-partial-outputs)."""
     try:
         return fn()
+    except OutputError:
+        raise
     except Exception as exc:  # noqa: BLE001 - whatever a unit's figure code raises
-        out.warnings.append(f"warning: {what} could not be written ({type(exc).__name__}: "
-                            f"{exc}); results.json is complete")
+        out.failed(what, exc)
         return None

@@ -1,5 +1,5 @@
-"""Shared pytest set-up: a single-thread fixture, the ../shared fixture path, and a
-small trained checkpoint for the script tests."""
+"""Shared pytest set-up: a single-thread fixture, the ../shared fixture path, a small trained
+checkpoint for the script tests, and a complete output folder of it."""
 import os
 
 import pytest
@@ -66,3 +66,20 @@ def checkpoint(tmp_path_factory):
     save_checkpoint(path, model, image_record(model, "synthetic"), epoch=1, test_accuracy=None,
                     args={})
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def complete_outputs(checkpoint, tmp_path_factory):
+    """A complete output folder (results.json and every figure of test_analysis.COMMON), written
+    by a real analysis run: the earlier set that faults must leave byte for byte."""
+    import subprocess
+    import sys
+
+    from test_analysis import COMMON, SCRIPT
+
+    out = tmp_path_factory.mktemp("complete")
+    proc = subprocess.run([sys.executable, SCRIPT, "--resume", checkpoint, "--output-dir",
+                           str(out), *COMMON], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    return out

@@ -3,6 +3,7 @@ parameters, consistent with the operator's loss and lambda_1 on tiny float64 net
 parameters restored bit for bit (also after a failure midway), world sizes 1 and 2 giving the
 same curves, the 2d grid, the options' checks, the figure, and the script end to end."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -438,3 +439,35 @@ def test_script_writes_the_landscape(checkpoint, tmp_path):
         assert os.path.getsize(out / name) > 0
     assert proc.stdout.count("***Landscape (1d): loss at 0 = ") == 1
     assert "curvature check: second difference along v1 = " in proc.stdout
+
+
+def test_a_radius_too_large_is_reported_and_drawn(tmp_path, single_thread):
+    """Issue 19: --landscape-radius 1e30 printed "loss in [nan, nan]" and the figure failed
+    (TypeError); now the non-finite losses are counted, a warning line says to lower the
+    radius, and the figure leaves them blank (in float64 a squared error overflows at 1e300)."""
+    model, x, y = quadratic_problem()
+    op, ctx, unit, r = run_landscape(model, nn.MSELoss(), split_uneven(x, y, SIZES),
+                                     landscape="2d", landscape_points=5, landscape_radius=1e300)
+    lines = unit.summary(r, ctx)
+    bad = sum(not math.isfinite(v) for c in r.directions for v in c["loss"])
+    bad += sum(not math.isfinite(v) for row in r.grid["loss"] for v in row)
+    assert bad == 4 * len(r.directions) + 24  # every point but offset 0
+    assert (f"    warning: the loss is not finite at {bad} of {5 * len(r.directions) + 25} "
+            "points (left out above and blank in the figure): at offsets this large the "
+            "weights overflow; lower --landscape-radius (now 1e+300, given)") in lines
+    assert "nan" not in " ".join(lines[1:3]) and "not finite)" in lines[1]
+    d = unit.to_json(r, ctx)
+    with RunOutputs(tmp_path, unit.files) as out:
+        unit.write(r, ctx, out)
+        out.commit()
+    assert sorted(os.listdir(tmp_path)) == ["landscape.pdf", "landscape.png"]
+    import matplotlib.pyplot as plt
+
+    fig = landscape_figure(json.loads(json.dumps(d)))
+    try:
+        loss_ax = [ax for ax in fig.axes if ax.get_ylabel() == "loss"][0]
+        v1 = loss_ax.get_lines()[0].get_ydata()
+        assert [math.isnan(v) for v in v1] == [v is None for v in d["directions"][0]["loss"]]
+        assert v1[2] == pytest.approx(d["loss_at_zero"])
+    finally:
+        plt.close(fig)

@@ -239,6 +239,9 @@ def test_bad_values_cli_one_line_no_traceback(args, message, tmp_path):
         other = [l for l in res.stderr.splitlines() if l.strip() and "error:" not in l]
         assert all(l.startswith("warning: --cuda requested") for l in other), res.stderr
         assert res.returncode == 2
+    # issue 19: a failed run (here a failed download) leaves no empty --data-dir or
+    # --saving-folder behind
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.slow

@@ -49,6 +49,7 @@ class Lanczos:
         self.w = None
         self.m = 0
         self.broken = False
+        self.annihilated = False   # the first product A q_1 was exactly zero
         self.stopped = False
         self._scale = torch.zeros((), dtype=F64, device=device)
 
@@ -107,6 +108,8 @@ class Lanczos:
             self._basis = grown
         q = self.next_vector()
         self._basis[j] = q
+        if j == 0:
+            self.annihilated = not bool(w.any())
         a = w @ q
         w = orthogonalise(w, self._basis[: j + 1])
         b = w.norm()
@@ -180,7 +183,10 @@ class _Eigen:
     After step m: Ritz pairs (theta_i, y_i = S[:, i]^T Q) of T_m with residuals
     ``rho_i = ||A y_i - theta_i y_i|| = |beta_m S[m-1, i]|``; the run has converged when it spans
     its whole space, or when at least ``min_steps`` steps ran, the last did not break down,
-    and every wanted pair's relative error bound (``_error_bounds``) is at most ``tol``.
+    and every wanted pair's relative error bound (``_error_bounds``) is at most ``tol``; or
+    at once (after k steps) when the first product was exactly zero: for a Gaussian start
+    ``A q_1 = 0`` means ``A = 0`` with probability 1 (e.g. the block of parameters the loss
+    does not use), so every eigenvalue is exactly 0.
     """
 
     def __init__(self, run: Lanczos, k: int, which: str, tol: float, min_steps: int | None,
@@ -208,9 +214,9 @@ class _Eigen:
         idx = _select(theta, min(self.k, m), self.which)
         bounds = _error_bounds(theta, rho, idx, self.dtype)
         # after a breakdown the residuals vanish but a restart may still find more copies of
-        # a repeated eigenvalue, so only an unbroken run (or the whole space) counts
-        self.converged = m == run.n or bool(m >= self.min_steps and (bounds <= self.tol).all()
-                                            and not run.broken)
+        # a repeated eigenvalue, so only an unbroken run (or the whole space, or A = 0) counts
+        self.converged = m == run.n or run.annihilated or bool(
+            m >= self.min_steps and (bounds <= self.tol).all() and not run.broken)
         self._ritz = (theta[idx], rho[idx], bounds, S[:, idx])
         step = Step(matvecs, tuple(self.values), tuple(bounds.tolist()),
                     "eigenvalue error bound", max_matvecs=max_matvecs)
