@@ -79,6 +79,8 @@ class HessianOperator(ModelOperator):
     graphs) is in ``stats()`` and ``describe_memory()``.
     """
 
+    product_label = "HVP"
+
     def __init__(self, model: nn.Module, criterion: Callable | None = None,
                  batches: Iterable = (), *, forward: Callable | None = None,
                  loss: Callable | None = None, device: torch.device | str | None = None,
@@ -192,6 +194,10 @@ class HessianOperator(ModelOperator):
         return self._second_backward(g, V, retain=kept)
 
     # ----------------------------------------------------------------- reports
+    def describe_product(self) -> str:
+        """``"HVP: <hvp_mode>"``."""
+        return f"HVP: {self.hvp_mode}"
+
     def _describe_kept(self) -> str:
         """The first-order graphs kept, in words."""
         n = len(self.batches)
