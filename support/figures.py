@@ -2,7 +2,8 @@
 
 * the ESD as the original draws it: ``density_generate`` (10,000-point grid, Gaussians of
   variance 1e-5 x max(1, range), integrating to 1; PyHessian's ``(density, grids)``) and
-  ``get_esd_plot`` (log-scale density against eigenvalue, a PDF and a PNG beside it);
+  ``get_esd_plot`` (log-scale density against eigenvalue, a PDF and a PNG beside it), and
+  several ESDs overlaid (``plot_esd_overlay``: the curvatures of one run);
 * the convergence figure (``plot_convergence``): the panels the analysis units contribute
   (``Panel`` of ``Series``: estimates against products or probes, with ± bands);
 * the per-layer figure (``plot_per_layer``), the loss landscape (``plot_landscape``), the
@@ -26,9 +27,9 @@ from pyhessian_dist.density import gaussian_density
 
 __all__ = ["Panel", "RunPoints", "Series", "SpectrumOverlay", "compare_figure",
            "convergence_figure", "curvature_figure", "density_generate", "esd_figure",
-           "get_esd_plot", "is_number", "landscape_figure", "per_layer_figure", "plot_compare",
-           "plot_convergence", "plot_curvature", "plot_landscape", "plot_per_layer",
-           "save_figure"]
+           "esd_overlay_figure", "get_esd_plot", "is_number", "landscape_figure",
+           "per_layer_figure", "plot_compare", "plot_convergence", "plot_curvature",
+           "plot_esd_overlay", "plot_landscape", "plot_per_layer", "save_figure"]
 
 _POSITIVE, _NEGATIVE = "tab:blue", "tab:red"
 
@@ -116,6 +117,25 @@ def get_esd_plot(eigenvalues, weights, path="example.pdf", png_path=None, title=
     default: beside it). Returns the paths written; each is written under a temporary name
     and renamed, so an interrupted run never leaves a truncated figure."""
     return _closing(esd_figure(eigenvalues, weights, title),
+                    lambda fig: _save_pair(fig, path, png_path))
+
+
+def esd_overlay_figure(items, labels, title=None):
+    """Several ESDs on one log axis, one colour each: ``items`` are ``(density, grids,
+    lambda_1 or None)`` (``density_generate``'s curve; lambda_1 dashed), ``labels`` their
+    names (the curvatures of one run)."""
+    fig, ax = _pyplot().subplots(figsize=(6.4, 4.4))
+    with _closed_on_error(fig):
+        SpectrumOverlay(title or "eigenvalue spectral densities (dashed: each $\\lambda_1$)"
+                        ).draw(ax, items, labels, [f"C{i % 10}" for i in range(len(items))])
+        fig.tight_layout()
+    return fig
+
+
+def plot_esd_overlay(items, labels, path, png_path=None, title=None) -> list[str]:
+    """Write ``esd_overlay_figure`` to ``path`` and a PNG (``png_path``, default: beside it);
+    returns the paths written."""
+    return _closing(esd_overlay_figure(items, labels, title),
                     lambda fig: _save_pair(fig, path, png_path))
 
 

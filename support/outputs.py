@@ -30,9 +30,15 @@ from pyhessian_dist.results import json_safe
 from support.errors import UserError
 from support.files import make_writable_folder
 
-__all__ = ["OutputError", "RunOutputs", "check_output_dir"]
+__all__ = ["OutputError", "RunOutputs", "check_output_dir", "tagged_name"]
 
 _STAGING_PREFIX = ".pyhessian-dist-staging-"
+
+
+def tagged_name(name: str, tag: str) -> str:
+    """``name`` with ``tag`` before its extension: ``per_layer.png`` -> ``per_layer.ggn.png``."""
+    stem, ext = os.path.splitext(name)
+    return f"{stem}.{tag}{ext}"
 
 
 class OutputError(UserError):
@@ -92,6 +98,11 @@ class RunOutputs:
             return
         self.files.extend(n for n in names if os.path.exists(self._staged(n)))
 
+    def tagged(self, tag: str) -> _Tagged:
+        """A view whose ``write`` writes each name tagged (``tagged_name``): one curvature's
+        files in a run of several."""
+        return _Tagged(self, tag)
+
     def commit(self) -> tuple[list[str], list[str]]:
         """Move the staged files into place, remove stale ones; return (written, removed)."""
         held = _hold_signals()
@@ -119,6 +130,21 @@ class RunOutputs:
     def __exit__(self, *exc):
         self.discard()
         return False
+
+
+class _Tagged:
+    """``RunOutputs.tagged``: ``write(names, make)`` with every name tagged."""
+
+    def __init__(self, outputs: RunOutputs, tag: str):
+        self.outputs, self.tag = outputs, tag
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.outputs.warnings
+
+    def write(self, names, make) -> None:
+        names = [names] if isinstance(names, str) else list(names)
+        self.outputs.write([tagged_name(n, self.tag) for n in names], make)
 
 
 def _hold_signals():

@@ -191,6 +191,10 @@ class EmpiricalFisherOperator(ModelOperator):
         return losses.sum() / self.num_samples, G.sum(0) / self.num_samples
 
     # ----------------------------------------------------------------- products
+    def release(self) -> None:
+        """Drop the kept per-sample gradients (later products recompute them)."""
+        self._kept = []
+
     def _batch_matmat(self, b: int, V: torch.Tensor) -> torch.Tensor:
         """``(1/N) (V G_b^T) G_b``: kept G_b, or recomputed once for the whole block."""
         G = self._kept[b] if b < len(self._kept) else self._per_sample(b)[0]

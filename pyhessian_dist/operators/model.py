@@ -297,6 +297,10 @@ class ModelOperator(LinearOperator):
         self.compute_seconds += time.perf_counter() - t0
         return out
 
+    def release(self) -> None:
+        """Drop what a subclass keeps for its products (graphs, gradients): later products
+        recompute it. Nothing here."""
+
     # ----------------------------------------------------------------- reports
     def _describe_kept(self) -> str | None:
         """What a subclass keeps resident besides the data, in words (None: nothing)."""
