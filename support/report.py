@@ -150,7 +150,7 @@ def side_by_side(record) -> list[str]:
             trace = f"{t:.6g} ± {se:.3g}" if se is not None and math.isfinite(se) else \
                 f"{t:.6g}"
         mass = "-"
-        if "density" in r:
+        if "spectral_mass" in r.get("density", {}):
             mass = f"{100 * r['density']['spectral_mass']['negative']:.2f}%"
         rows.append((name, top, bottom, trace, mass,
                      str(sum(c["num_matvecs"] for c in costs)),
