@@ -431,10 +431,7 @@ def curvature_figure(checks: list, epochs: list, momentum: float = 0.0):
     Cohen et al. 2021); below, the train/test loss and the learning rate."""
     fig, (top, bottom) = _pyplot().subplots(2, 1, figsize=(7, 7), sharex=True)
     with _closed_on_error(fig):
-        ep = [c["epoch"] for c in checks]
-        top.errorbar(ep, [c["lambda_1"] for c in checks],
-                     yerr=[_finite(c["lambda_1_error_bound"]) for c in checks], marker="o", ms=4,
-                     label=r"$\lambda_1$ (top Hessian eigenvalue)")
+        _curvature_series(top, checks)
         lr_ep = [e["epoch"] for e in epochs]
         if epochs:
             top.step(lr_ep, [2.0 / e["lr"] for e in epochs], where="post", color="k", ls="--",
@@ -442,9 +439,6 @@ def curvature_figure(checks: list, epochs: list, momentum: float = 0.0):
             if momentum:  # heavy-ball SGD is stable on a quadratic up to (2 + 2 beta) / lr
                 top.step(lr_ep, [(2.0 + 2.0 * momentum) / e["lr"] for e in epochs], where="post",
                          color="k", ls=":", label=f"(2 + 2·{momentum:g}) / lr (momentum)")
-        if checks and "trace" in checks[0]:
-            top.errorbar(ep, [c["trace"] for c in checks], yerr=[_finite(c["trace_stderr"])
-                         for c in checks], marker="s", ms=3, color="0.55", label="trace (± s.e.)")
         top.set_yscale("log")
         top.set_ylabel("curvature")
         top.legend(fontsize=8)
@@ -463,6 +457,27 @@ def curvature_figure(checks: list, epochs: list, momentum: float = 0.0):
         bottom.grid(alpha=0.3)
         fig.tight_layout()
     return fig
+
+
+_CURVATURE_NAMES = {"hessian": "Hessian", "ggn": "GGN", "ef": "empirical Fisher"}
+
+
+def _curvature_series(ax, checks: list) -> None:
+    """lambda_1 (and the trace, ± s.e.) against epoch for each curvature the checks measured
+    (records without a "curvature" are the Hessian's), one colour each."""
+    groups: dict = {}
+    for c in checks:
+        groups.setdefault(c.get("curvature", "hessian"), []).append(c)
+    for i, (name, cs) in enumerate(groups.items()):
+        ep, words = [c["epoch"] for c in cs], _CURVATURE_NAMES.get(name, name)
+        ax.errorbar(ep, [c["lambda_1"] for c in cs],
+                    yerr=[_finite(c["lambda_1_error_bound"]) for c in cs], marker="o", ms=4,
+                    color=f"C{i}", label=rf"$\lambda_1$ (top {words} eigenvalue)")
+        if "trace" in cs[0]:
+            ax.errorbar(ep, [c["trace"] for c in cs], yerr=[_finite(c["trace_stderr"])
+                        for c in cs], marker="s", ms=3, color="0.55" if len(groups) == 1
+                        else f"C{i}", ls="-" if len(groups) == 1 else ":",
+                        label="trace (± s.e.)" if len(groups) == 1 else f"{words} trace (± s.e.)")
 
 
 def plot_curvature(checks: list, epochs: list, momentum: float = 0.0) -> bytes:
