@@ -259,3 +259,31 @@ def test_world_sizes_give_the_dense_numbers(world_size):
             assert r[name]["eig"] == pytest.approx(ref[name]["eig"], rel=1e-9)
             assert r[name]["trace"] == pytest.approx(ref[name]["trace"], rel=1e-9)
             assert r[name]["calls"] == (1 if world_size > 1 else 0)
+
+
+def test_eval_batch_norm_is_built_as_its_affine_map():
+    """The GGN's graphs compute eval-mode batch_norm as x * s + t: the same values (with and
+    without weights, 2d and 4d inputs, keyword arguments); training-mode calls run as they are."""
+    import torch.nn.functional as F
+
+    from pyhessian_dist.operators.ggn import _EvalBatchNormAsAffine
+
+    g = torch.Generator().manual_seed(0)
+    for shape, affine in (((5, 3), True), ((4, 3, 2, 2), False)):
+        bn = (nn.BatchNorm1d if len(shape) == 2 else nn.BatchNorm2d)(3, affine=affine).double()
+        with torch.no_grad():
+            bn.running_mean.uniform_(-1, 1, generator=g)
+            bn.running_var.uniform_(0.5, 2, generator=g)
+        x = torch.randn(shape, dtype=torch.float64, generator=g)
+        expected = bn.eval()(x)
+        with _EvalBatchNormAsAffine():
+            got = bn(x)
+            by_keywords = F.batch_norm(x, bn.running_mean, bn.running_var, training=False,
+                                       eps=bn.eps)
+        torch.testing.assert_close(got, expected, rtol=1e-14, atol=1e-14)
+        assert got.grad_fn is None or "BatchNorm" not in type(got.grad_fn).__name__
+        torch.testing.assert_close(by_keywords, F.batch_norm(x, bn.running_mean,
+                                                             bn.running_var, eps=bn.eps))
+        with _EvalBatchNormAsAffine():
+            train_mode = F.batch_norm(x, None, None, training=True)
+        torch.testing.assert_close(train_mode, F.batch_norm(x, None, None, training=True))
