@@ -69,7 +69,21 @@ def parse_args(argv=None):
     # the analyses: each adds its flag and options (analyses/)
     for analysis in REGISTRY:
         analysis.add_arguments(p)
-    # ours, shared by the analyses
+    add_shared_options(p)
+    args = p.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        p.error(f"--port must be between 0 and 65535, got {args.port}")
+    if args.mini_hessian_batch_size > args.hessian_batch_size:
+        p.error(f"--mini-hessian-batch-size {args.mini_hessian_batch_size} is larger than "
+                f"--hessian-batch-size {args.hessian_batch_size}; make it at most that")
+    if not any(a.requested(args) for a in REGISTRY):
+        p.error("nothing to compute: pass at least one of "
+                + ", ".join(a.flag for a in REGISTRY))
+    return args
+
+
+def add_shared_options(p):
+    """Ours, shared by the analyses: budgets, what is analysed, launch, data and outputs."""
     p.add_argument("--max-iter", type=utils.positive_int, default=100,
                    help="most products: per eigenvalue (power), in all (lanczos), probes (trace)")
     p.add_argument("--tol", type=utils.positive_float, default=1e-3,
@@ -110,16 +124,6 @@ def parse_args(argv=None):
     p.add_argument("--hvp-mode", choices=pyhessian_dist.HVP_MODES, default="double_backward",
                    help="how a Hessian-vector product is computed")
     utils.add_bool_flag(p, "tf32", False, "allow TF32 on GPUs (faster, ~1e-3 relative error)")
-    args = p.parse_args(argv)
-    if not 0 <= args.port <= 65535:
-        p.error(f"--port must be between 0 and 65535, got {args.port}")
-    if args.mini_hessian_batch_size > args.hessian_batch_size:
-        p.error(f"--mini-hessian-batch-size {args.mini_hessian_batch_size} is larger than "
-                f"--hessian-batch-size {args.hessian_batch_size}; make it at most that")
-    if not any(a.requested(args) for a in REGISTRY):
-        p.error("nothing to compute: pass at least one of "
-                + ", ".join(a.flag for a in REGISTRY))
-    return args
 
 
 # ---------------------------------------------------------------------------- validate once

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_problems import GOOD
 
 from problems import FileProblem, build_model
 from support.datasets import hessian_subset
@@ -134,9 +135,9 @@ SUM_LOSS = """
     def loss(outputs, batch):
         return ((outputs.squeeze(-1) - batch[1]) ** 2).sum()
 """
-NOT_OF_OUTPUTS = """
+# the model a problem file's model() built, for a loss() that reaches around the outputs
+KEEPS_ITS_MODEL = GOOD + textwrap.dedent("""
     import torch.nn.functional as F
-    from torch import nn
 
     _MODELS = []
 
@@ -144,36 +145,15 @@ NOT_OF_OUTPUTS = """
         m = nn.Linear(3, 2)
         _MODELS.append(m)
         return m
-
+""")
+NOT_OF_OUTPUTS = KEEPS_ITS_MODEL + textwrap.dedent("""
     def loss(outputs, batch):
         return F.cross_entropy(_MODELS[-1](batch[0]), batch[1])
-"""
-PENALTY = """
-    import torch.nn.functional as F
-    from torch import nn
-
-    _MODELS = []
-
-    def model():
-        m = nn.Linear(3, 2)
-        _MODELS.append(m)
-        return m
-
+""")
+PENALTY = KEEPS_ITS_MODEL + textwrap.dedent("""
     def loss(outputs, batch):
         return F.cross_entropy(outputs, batch[1]) + 1e-3 * _MODELS[-1].weight.square().sum()
-"""
-CLASSIFIER = """
-    import torch
-    from torch import nn
-
-    def model():
-        return nn.Linear(3, 2)
-
-    def dataset(split):
-        g = torch.Generator().manual_seed(0)
-        return torch.utils.data.TensorDataset(torch.randn(10, 3, generator=g),
-                                              torch.randint(0, 2, (10,), generator=g))
-"""
+""")
 
 
 @pytest.mark.parametrize("args, problem, message", [
@@ -195,8 +175,7 @@ def test_bad_curvature_input_is_one_line(tmp_path, args, problem, message):
         path.write_text(Path(REGRESSION).read_text() + textwrap.dedent(SUM_LOSS))
     else:
         path = tmp_path / "p.py"
-        body = NOT_OF_OUTPUTS if problem == "not of outputs" else PENALTY
-        path.write_text(textwrap.dedent(CLASSIFIER) + textwrap.dedent(body))
+        path.write_text(NOT_OF_OUTPUTS if problem == "not of outputs" else PENALTY)
     proc = script(["--problem", str(path), "--eigenvalue", "--output-dir", str(tmp_path / "o"),
                    "--hessian-batch-size", "8", "--mini-hessian-batch-size", "4", *args],
                   timeout=120)

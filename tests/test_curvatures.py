@@ -19,6 +19,7 @@ from tiny import (
     SIZES,
     dense_empirical_fisher,
     dense_ggn,
+    least_squares,
     make,
     split_uneven,
 )
@@ -63,15 +64,9 @@ def test_ggn_keeps_graphs_within_the_budget():
 
 def test_ggn_equals_hessian_for_a_linear_model_with_squared_loss():
     """A model linear in theta with the squared loss: H = G = (2 / N) X^T X (by hand)."""
-    torch.manual_seed(1)
-    N, d = 11, 3
-    x = torch.randn(N, d, dtype=torch.float64)
-    y = torch.randn(N, 1, dtype=torch.float64)
-    model = nn.Linear(d, 1).double()
-    X1 = torch.cat([x, torch.ones(N, 1, dtype=torch.float64)], dim=1)  # weight then bias
-    closed = 2.0 / N * X1.T @ X1
+    model, x, y, closed = least_squares()
     batches = split_uneven(x, y, [4, 7])
-    eye = torch.eye(d + 1, dtype=torch.float64)
+    eye = torch.eye(len(closed), dtype=torch.float64)
     G = GGNOperator(model, nn.MSELoss(), batches).matvec(eye)
     H = HessianOperator(model, nn.MSELoss(), batches).matvec(eye)
     torch.testing.assert_close(G, closed, rtol=1e-12, atol=1e-14)

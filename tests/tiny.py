@@ -76,6 +76,17 @@ def dense_hessian(model, criterion, x, y):
     return hessian(loss)(theta)
 
 
+def least_squares(N=11, d=3, seed=1):
+    """A linear model with one output and its data: (model, x, y, the closed-form Hessian of
+    the mean squared error (2 / N) X^T X, X with a column of ones for the bias)."""
+    torch.manual_seed(seed)
+    x = torch.randn(N, d, dtype=torch.float64)
+    y = torch.randn(N, 1, dtype=torch.float64)
+    model = nn.Linear(d, 1).double()
+    X1 = torch.cat([x, torch.ones(N, 1, dtype=torch.float64)], dim=1)  # weight then bias
+    return model, x, y, 2.0 / N * X1.T @ X1
+
+
 def _flat_params(model):
     """(names, shapes, numels, theta) of the trainable parameters."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -30,9 +30,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..batches import _map, batch_size, move_batch
+from ..batches import _map, batch_size
 from .hessian import _Forward
-from .model import ModelOperator, resolve_loss, scalar_loss
+from .model import ModelOperator, checking_loss, kept_phrase, scalar_loss
 
 __all__ = ["EmpiricalFisherOperator", "per_sample_gradients"]
 
@@ -119,11 +119,8 @@ class EmpiricalFisherOperator(ModelOperator):
     product_label = "EF product"
 
     def __init__(self, model: nn.Module, criterion: Callable | None = None,
-                 batches: Iterable = (), *, forward: Callable | None = None,
-                 loss: Callable | None = None, device: torch.device | str | None = None,
-                 keep_gradients: bool | str = "auto", chunk_size: int | None = None,
-                 data_on_device: bool | str = "auto", memory_budget_bytes: int | None = None,
-                 local_processes: int = 1):
+                 batches: Iterable = (), *, keep_gradients: bool | str = "auto",
+                 chunk_size: int | None = None, **kwargs):
         if keep_gradients not in (True, False, "auto"):
             raise ValueError(f"keep_gradients must be True, False or 'auto', got "
                              f"{keep_gradients!r}")
@@ -134,26 +131,19 @@ class EmpiricalFisherOperator(ModelOperator):
         self._kept: list[torch.Tensor] = []
         self._chunk_request = chunk_size
         self.per_sample_mode = "vmap"
-        super().__init__(model, criterion, batches, forward=forward, loss=loss, device=device,
-                         data_on_device=data_on_device, memory_budget_bytes=memory_budget_bytes,
-                         local_processes=local_processes)
+        super().__init__(model, criterion, batches, **kwargs)
 
     @classmethod
     def check_loss(cls, model: nn.Module, batch, *, criterion: Callable | None = None,
                    forward: Callable | None = None, loss: Callable | None = None) -> None:
         """ValueError unless the loss of ``batch`` (moved to the model's device; the model in
         eval mode) is the mean of its samples' one-sample losses."""
-        forward_fn, loss_fn = resolve_loss(criterion, forward, loss)
-        params = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
-        batch = move_batch(batch, next(iter(params.values())).device)
-        was_training = model.training
-        model.eval()
-        try:
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        with checking_loss(model, batch, criterion, forward, loss) as (forward_fn, loss_fn,
+                                                                      batch):
             with torch.no_grad():
                 whole = scalar_loss(loss_fn(forward_fn(model, batch), batch))
             _G, losses, _mode = per_sample_gradients(model, batch, forward_fn, loss_fn, params)
-        finally:
-            model.train(was_training)
         _check_mean(float(whole), losses, whole.dtype)
 
     # --------------------------------------------------------- per-sample gradients
@@ -208,12 +198,8 @@ class EmpiricalFisherOperator(ModelOperator):
 
     def _describe_kept(self) -> str:
         """The per-sample gradients kept, in words."""
-        n = len(self.batches)
-        if not self._kept:
-            return "per-sample gradients recomputed per product"
-        size = sum(t.numel() * t.element_size() for t in self._kept)
-        return (f"per-sample gradients kept for {len(self._kept)}/{n} mini-batches "
-                f"({size / 2**20:.0f} MiB)")
+        return kept_phrase("per-sample gradients", len(self._kept), len(self.batches),
+                           sum(t.numel() * t.element_size() for t in self._kept))
 
     def stats(self) -> dict:
         """``ModelOperator.stats()`` with what is kept and how per-sample gradients are made."""

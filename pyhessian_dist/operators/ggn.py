@@ -41,9 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..batches import _map, move_batch
-from .hessian import _SavedBytes
-from .model import ModelOperator, resolve_loss, scalar_loss
+from ..batches import _map
+from .hessian import _measure_graphs
+from .model import ModelOperator, checking_loss, kept_phrase, scalar_loss
 
 __all__ = ["GGNOperator"]
 
@@ -148,10 +148,7 @@ class GGNOperator(ModelOperator):
     product_label = "GGN product"
 
     def __init__(self, model: nn.Module, criterion: Callable | None = None,
-                 batches: Iterable = (), *, forward: Callable | None = None,
-                 loss: Callable | None = None, device: torch.device | str | None = None,
-                 reuse_graph: bool | str = "auto", data_on_device: bool | str = "auto",
-                 memory_budget_bytes: int | None = None, local_processes: int = 1):
+                 batches: Iterable = (), *, reuse_graph: bool | str = "auto", **kwargs):
         if reuse_graph not in (True, False, "auto"):
             raise ValueError(f"reuse_graph must be True, False or 'auto', got {reuse_graph!r}")
         # set before ModelOperator.__init__, whose first-order pass calls _loss_and_gradient
@@ -159,25 +156,18 @@ class GGNOperator(ModelOperator):
         self._keep = 0 if reuse_graph is False else None
         self._graphs: list[_OutputGraph] = []
         self.graph_bytes_estimate = None
-        super().__init__(model, criterion, batches, forward=forward, loss=loss, device=device,
-                         data_on_device=data_on_device, memory_budget_bytes=memory_budget_bytes,
-                         local_processes=local_processes)
+        super().__init__(model, criterion, batches, **kwargs)
 
     @classmethod
     def check_loss(cls, model: nn.Module, batch, *, criterion: Callable | None = None,
                    forward: Callable | None = None, loss: Callable | None = None) -> None:
         """ValueError unless ``loss`` is a function of the outputs alone on ``batch`` (moved to
         the model's device; the model in eval mode for the check)."""
-        forward_fn, loss_fn = resolve_loss(criterion, forward, loss)
         params = [p for p in model.parameters() if p.requires_grad]
-        batch = move_batch(batch, params[0].device)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.enable_grad():
-                _loss_of_outputs(forward_fn(model, batch), batch, loss_fn, params)
-        finally:
-            model.train(was_training)
+        with checking_loss(model, batch, criterion, forward, loss) as (forward_fn, loss_fn,
+                                                                      batch), \
+                torch.enable_grad():
+            _loss_of_outputs(forward_fn(model, batch), batch, loss_fn, params)
 
     # --------------------------------------------------------- per mini-batch graphs
     def _output_graph(self, b: int, jvp: bool, check: bool = False) -> _OutputGraph:
@@ -212,14 +202,7 @@ class GGNOperator(ModelOperator):
         """``(w_b L_b, w_b grad L_b = J^T w_b dl/dz)``, keeping the graphs of as many
         mini-batches as ``reuse_graph`` allows (their size measured on the first one)."""
         if self._keep is None:  # first mini-batch: measure what its graphs hold
-            counter = _SavedBytes()
-            with counter.hooks():
-                graph = self._output_graph(b, jvp=True, check=True)
-            per_batch = max(counter.bytes, 1)
-            n = len(self.batches)
-            self.graph_bytes_estimate = per_batch * n
-            self._keep = n if self._reuse_request is True else min(
-                n, self.memory_budget_bytes // per_batch)
+            graph = _measure_graphs(self, lambda: self._output_graph(b, jvp=True, check=True))
         else:
             graph = self._output_graph(b, jvp=b < self._keep)
         kept = b < self._keep
@@ -270,11 +253,9 @@ class GGNOperator(ModelOperator):
     def _describe_kept(self) -> str:
         """The graphs kept, in words."""
         n = len(self.batches)
-        if not self._graphs:
-            return "output graphs recomputed per product"
         per = (self.graph_bytes_estimate or 0) / max(n, 1)
-        return (f"output graphs (forward and J^T u) kept for {len(self._graphs)}/{n} "
-                f"mini-batches (~{per * len(self._graphs) / 2**20:.0f} MiB)")
+        return kept_phrase("output graphs (forward and J^T u)", len(self._graphs), n,
+                           per * len(self._graphs))
 
     def stats(self) -> dict:
         """``ModelOperator.stats()`` with the graphs kept."""

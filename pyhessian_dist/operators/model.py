@@ -24,6 +24,7 @@ Dropout is off in eval mode too.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -41,7 +42,8 @@ from ..batches import (
 from ..distributed import CommTimer, all_reduce_
 from .base import LinearOperator
 
-__all__ = ["ModelOperator", "available_memory_bytes", "resolve_loss", "scalar_loss"]
+__all__ = ["ModelOperator", "available_memory_bytes", "checking_loss", "kept_phrase",
+           "resolve_loss", "scalar_loss"]
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -78,6 +80,29 @@ def resolve_loss(criterion: Callable | None, forward: Callable | None,
                          "batch[1])) or loss=fn(outputs, batch) (the mean loss)")
     return (forward if forward is not None else default_forward,
             loss if loss is not None else criterion_loss(criterion))
+
+
+@contextlib.contextmanager
+def checking_loss(model: nn.Module, batch, criterion: Callable | None,
+                  forward: Callable | None, loss: Callable | None):
+    """For a ``check_loss``: yields ``(forward, loss, batch)`` (the callables resolved, the
+    batch on the device of the model's first trainable parameter) with the model in eval mode,
+    its mode restored afterwards."""
+    forward_fn, loss_fn = resolve_loss(criterion, forward, loss)
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    was_training = model.training
+    model.eval()
+    try:
+        yield forward_fn, loss_fn, move_batch(batch, device)
+    finally:
+        model.train(was_training)
+
+
+def kept_phrase(what: str, kept: int, n: int, nbytes: float) -> str:
+    """"<what> kept for k/n mini-batches (~X MiB)", or "<what> recomputed per product"."""
+    if not kept:
+        return f"{what} recomputed per product"
+    return f"{what} kept for {kept}/{n} mini-batches (~{nbytes / 2**20:.0f} MiB)"
 
 
 class ModelOperator(LinearOperator):
