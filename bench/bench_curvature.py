@@ -23,7 +23,11 @@ machine's changing load hits all alike; medians of ``--repeats`` calls after one
   matrices: a difference at round-off level).
 
 The record is ``--out`` (default ``bench/results-curvature-cpu.json``), rewritten after each
-section; a markdown table goes to stdout.
+section; a markdown table goes to stdout. On a machine whose cores are shared with other jobs
+pass ``--threads 1`` (with ``OMP_WAIT_POLICY=PASSIVE``): two OpenMP threads competing with
+other processes made every product several times slower and the ratios noise (measured: a
+gradient of 100 ResNet20 samples took 2.4-2.7 s on 2 threads under a load of 5-8, against
+0.31 s for 50 samples on one thread).
 """
 from __future__ import annotations
 
