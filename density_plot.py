@@ -15,7 +15,9 @@ The first redraws one run's ESD; the second prints a table and draws one figure 
 and compare.png) of what the analysis units contribute from each run's results.json (their
 ``compare_columns`` / ``compare_cells`` and ``compare_panel`` / ``compare_item``): from the
 built-in units, the lambda_1 and trace columns, and the overlaid ESDs, the top eigenvalues and
-the traces with error bars.
+the traces with error bars. A results.json of several curvatures (``--curvature
+hessian,ggn``) contributes one run per curvature; when the runs are not all of the Hessian,
+each label says its curvature ("ResNet20 BN (ggn)"). Redrawing such a file overlays its ESDs.
 """
 from __future__ import annotations
 
@@ -32,10 +34,16 @@ from dataclasses import dataclass
 
 from analyses import REGISTRY
 from support.errors import UserError
-from support.figures import density_generate, get_esd_plot, is_number, plot_compare
+from support.figures import (
+    density_generate,
+    get_esd_plot,
+    is_number,
+    plot_compare,
+    plot_esd_overlay,
+)
 
 __all__ = ["Run", "compare_panels", "compare_table", "density_generate", "get_esd_plot",
-           "load_run", "main", "run_labels"]
+           "load_run", "load_runs", "main", "run_labels"]
 
 
 # ---------------------------------------------------------------------------- runs
@@ -52,6 +60,7 @@ class Run:
     products: int | None
     cells: dict
     items: dict
+    curvature: str = "hessian"
 
     @property
     def where(self) -> str:
@@ -60,8 +69,18 @@ class Run:
 
 
 def load_run(path) -> Run:
-    """Read a results.json (or the folder holding one); UserError if it is missing, not JSON
-    or not a pyhessian-dist results.json."""
+    """The run of a results.json of one curvature (``load_runs``; UserError for several)."""
+    runs = load_runs(path)
+    if len(runs) > 1:
+        raise UserError(f"{runs[0].path} holds {len(runs)} curvatures "
+                        f"({', '.join(r.curvature for r in runs)}); read it with load_runs")
+    return runs[0]
+
+
+def load_runs(path) -> list[Run]:
+    """The runs of a results.json (or the folder holding one): one, or one per curvature of a
+    run of several; UserError if it is missing, not JSON or not a pyhessian-dist
+    results.json."""
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, "results.json")
@@ -82,13 +101,26 @@ def load_run(path) -> Run:
         raise UserError(f"{path} is not a pyhessian-dist results.json (no \"results\" "
                         "entry); pass the results.json an analysis wrote")
     try:
-        return _summarize(path, record)
+        names = record.get("curvatures") or ["hessian"]
+        if len(names) == 1:
+            return [_summarize(path, record, names[0])]
+        return [_summarize(path, _curvature_view(record, name), name) for name in names]
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UserError(f"{path} has a malformed entry ({type(exc).__name__}: {exc}); pass "
                         "a results.json written by example_pyhessian_analysis.py") from None
 
 
-def _summarize(path, record) -> Run:
+def _curvature_view(record, name) -> dict:
+    """One curvature's record of a run of several: its results, costs and operator."""
+    results = record["results"][name]
+    if not isinstance(results, dict):
+        raise TypeError(f"results.{name} is a {type(results).__name__}, not a dict")
+    return {**record, "results": results,
+            "operator": (record.get("operator") or {}).get(name) or {},
+            "costs": (record.get("costs") or {}).get(name) or {}}
+
+
+def _summarize(path, record, curvature) -> Run:
     results = record["results"]
     cells, items = {}, {}
     for a in REGISTRY:
@@ -113,7 +145,7 @@ def _summarize(path, record) -> Run:
     return Run(path=path, record=record, model_label=label, model=", ".join(desc),
                num_samples=int(samples) if is_number(samples) else None,
                products=int(products) if is_number(products) else None,
-               cells=cells, items=items)
+               cells=cells, items=items, curvature=str(curvature))
 
 
 def _model_label(record) -> str | None:
@@ -135,14 +167,21 @@ def _model_label(record) -> str | None:
 
 
 def run_labels(runs, labels=None) -> list[str]:
-    """The runs' labels: ``labels`` as given, else each run's model ("ResNet20 BN"), with the
-    folder name added where two runs would share a label (then the path, then a number)."""
+    """The runs' labels: ``labels`` as given, else each run's model ("ResNet20 BN") followed by
+    its curvature ("ResNet20 BN (ggn)") unless every run is of the Hessian, with the folder
+    name added where two runs would share a label (then the path, then a number)."""
     if labels is not None:
         if len(labels) != len(runs):
-            raise UserError(f"--labels gives {len(labels)} label(s) for {len(runs)} results "
-                            "file(s); pass one label per file")
+            files = len({r.path for r in runs})
+            what = f"{len(runs)} results file(s)" if files == len(runs) else (
+                f"{len(runs)} runs ({files} results file(s); a file of several curvatures "
+                "gives one run per curvature)")
+            raise UserError(f"--labels gives {len(labels)} label(s) for {what}; pass one "
+                            "label per run")
         return [str(s) for s in labels]
-    out = [r.model_label or r.where for r in runs]
+    by_curvature = any(r.curvature != "hessian" for r in runs)
+    out = [(r.model_label or r.where) + (f" ({r.curvature})" if by_curvature else "")
+           for r in runs]
     steps = [lambda r, s: f"{s} ({r.where})" if r.model_label else s,
              lambda r, s: f"{r.model_label or 'run'} ({os.path.relpath(r.path)})"]
     for step in steps:
@@ -187,6 +226,20 @@ def compare_panels(runs) -> list:
     ``support.figures.plot_compare``."""
     return [(a.compare_panel, [r.items[a.name] for r in runs]) for a in REGISTRY
             if a.compare_panel is not None]
+
+
+def _redraw(runs, labels, output, title) -> list[str]:
+    """One results file's ESD (its curvatures' ESDs overlaid when it holds several)."""
+    lacking = [r for r in runs if not r.record["results"].get("density")]
+    if lacking:
+        raise UserError(f"{lacking[0].path} holds no density (results.density); run the "
+                        "analysis with --density, or use --compare to draw what it holds")
+    if len(runs) == 1:
+        density = runs[0].record["results"]["density"]
+        return get_esd_plot(density["nodes"], density["weights"], output,
+                            title=title or labels[0])
+    items = [r.items["density"] for r in runs]
+    return plot_esd_overlay(items, [r.curvature for r in runs], output, title=title)
 
 
 # ---------------------------------------------------------------------------- script
@@ -242,7 +295,7 @@ def _draw(args):
                         "--compare to compare them, or one file to redraw its ESD")
     output = args.output or ("compare.pdf" if args.compare else "esd.pdf")
     _check_output(output)
-    runs = [load_run(p) for p in args.results]
+    runs = [run for p in args.results for run in load_runs(p)]
     labels = run_labels(runs, args.labels)
     try:
         if args.compare:
@@ -250,14 +303,7 @@ def _draw(args):
                 print(line)
             written = plot_compare(compare_panels(runs), labels, output, title=args.title)
         else:
-            run = runs[0]
-            density = run.record["results"].get("density")
-            if not density:
-                raise UserError(f"{run.path} holds no density (results.density); run the "
-                                "analysis with --density, or use --compare to draw what it "
-                                "holds")
-            written = get_esd_plot(density["nodes"], density["weights"], output,
-                                   title=args.title or labels[0])
+            written = _redraw(runs, labels, output, args.title)
     except OSError as exc:
         raise UserError(f"cannot write {output} ({exc.strerror or exc}); pass -o in a folder "
                         "you can write to") from None

@@ -3,13 +3,15 @@
     python example_pyhessian_analysis.py --resume CKPT --device_count N \
         --eigenvalue --trace --density
     python example_pyhessian_analysis.py --problem my_problem.py [--resume CKPT] --eigenvalue
+    python example_pyhessian_analysis.py --resume CKPT --curvature hessian,ggn --eigenvalue
 
 Read top to bottom: parse -> validate once (one `error:` line and exit 2 for anything the user
 can fix, before any worker starts) -> launch (N == 1: this process; N > 1: spawned workers;
 under torchrun: this process is one rank of a multi-node job) -> on every rank: build the
-problem's model and this rank's shard of its data, build the Hessian operator, run the
-requested analyses (analyses/) -> rank 0 prints and writes results.json and the figures into
---output-dir as one set. What is analysed is a problem (problems/): the built-in image
+problem's model and this rank's shard of its data once, then for each --curvature (the
+Hessian, the generalized Gauss-Newton matrix, the empirical Fisher) build its operator and run
+the requested analyses (analyses/) -> rank 0 prints and writes results.json and the figures
+into --output-dir as one set. What is analysed is a problem (problems/): the built-in image
 classifier of a checkpoint, or your own model, data and loss in one file (--problem).
 """
 from __future__ import annotations
@@ -34,8 +36,14 @@ import torch
 import pyhessian_dist
 import utils
 from analyses import REGISTRY, Context, ModelFacts, selected
-from problems import BUILTIN_FLAGS, analysis_problem, build_model, check_problem
-from pyhessian_dist import HessianOperator
+from problems import (
+    BUILTIN_FLAGS,
+    analysis_problem,
+    build_model,
+    check_curvatures,
+    check_problem,
+)
+from pyhessian_dist import CURVATURES
 from pyhessian_dist.distributed import launched_by_torchrun, print0
 from pyhessian_dist.groups import GROUPINGS
 
@@ -66,7 +74,7 @@ def parse_args(argv=None):
     # the analyses: each adds its flag and options (analyses/)
     for analysis in REGISTRY:
         analysis.add_arguments(p)
-    _add_shared_options(p)
+    add_shared_options(p)
     args = p.parse_args(argv)
     if not 0 <= args.port <= 65535:
         p.error(f"--port must be between 0 and 65535, got {args.port}")
@@ -79,8 +87,8 @@ def parse_args(argv=None):
     return args
 
 
-def _add_shared_options(p):
-    """Our options, shared by the analyses, the launch and the outputs."""
+def add_shared_options(p):
+    """Ours, shared by the analyses: budgets, what is analysed, launch, data and outputs."""
     p.add_argument("--max-iter", type=utils.positive_int, default=100,
                    help="most products: per eigenvalue (power), in all (lanczos), probes (trace)")
     p.add_argument("--tol", type=utils.positive_float, default=1e-3,
@@ -112,8 +120,16 @@ def _add_shared_options(p):
                    help="when a figure or file cannot be written (a full disk, a figure that "
                         "fails), write the others and replace the earlier run's files with "
                         "them (default: the run fails and the earlier files stay as they were)")
+    p.add_argument("--curvature", type=utils.curvature_list, default=["hessian"],
+                   metavar="NAME[,NAME...]",
+                   help="what every analysis analyses: hessian (the loss Hessian), ggn (the "
+                        "generalized Gauss-Newton matrix), ef (the empirical Fisher); several, "
+                        "comma-separated, run the analyses for each on one data load, side by "
+                        "side")
     p.add_argument("--reuse-graph", choices=("auto", "on", "off"), default="auto",
-                   help="keep first-order graphs across products (auto: as many as fit)")
+                   help="keep what products reuse (the Hessian's first-order graphs, the GGN's "
+                        "output graphs, the empirical Fisher's per-sample gradients) across "
+                        "products (auto: as many mini-batches as fit)")
     p.add_argument("--hvp-mode", choices=pyhessian_dist.HVP_MODES, default="double_backward",
                    help="how a Hessian-vector product is computed")
     utils.add_bool_flag(p, "tf32", False, "allow TF32 on GPUs (faster, ~1e-3 relative error)")
@@ -144,7 +160,7 @@ def validate(args) -> Plan:
     analyses = selected(args)
     for analysis in analyses:
         analysis.check(args, analyses)
-    earlier = utils.check_output_dir(args.output_dir, utils.output_files(REGISTRY))
+    earlier = utils.check_output_dir(args.output_dir, utils.output_files(REGISTRY, CURVATURES))
     stale = utils.remove_stale_staging(args.output_dir)
     if stale:
         print(f"note: removed {len(stale)} staging folder(s) that ended runs left in "
@@ -159,7 +175,9 @@ def validate(args) -> Plan:
         analysis.check_model(args, analyses, facts)
     if rank0:  # the data, and the loss of a first batch at these weights
         check_problem(problem, model)
-        utils.hessian_subset(problem.dataset("train"), args.hessian_batch_size, args.seed)
+        indices = utils.hessian_subset(problem.dataset("train"), args.hessian_batch_size,
+                                       args.seed)
+        check_curvatures(problem, model, args.curvature, indices[:4])
     gpus = torch.cuda.device_count() if args.cuda else 0
     if args.cuda and gpus == 0:
         print("warning: --cuda requested but no GPU is available; running on CPU",
@@ -199,27 +217,73 @@ def load_shard(args, problem, worker):
                                worker.world_size, problem.collate)
 
 
-def build_operator(args, problem, model, batches, worker):
+# what each curvature is, for the heading and the set-up line of its operator
+TITLES = {"hessian": "the loss Hessian H",
+          "ggn": "the generalized Gauss-Newton matrix G = (1/N) sum_b n_b J_b^T H_L,b J_b",
+          "ef": "the empirical Fisher F = (1/N) sum_i g_i g_i^T (per-sample gradients)"}
+BUILDING = {"hessian": "the Hessian operator (one forward/backward pass over the samples)",
+            "ggn": "the GGN operator (one forward and two backward passes over the samples)",
+            "ef": "the empirical Fisher operator (per-sample gradients of the samples)"}
+
+
+def build_operator(args, name, problem, model, batches, worker):
+    reuse = {"auto": "auto", "on": True, "off": False}[args.reuse_graph]
+    options = {"hessian": {"reuse_graph": reuse, "hvp_mode": args.hvp_mode},
+               "ggn": {"reuse_graph": reuse}, "ef": {"keep_gradients": reuse}}[name]
     try:
-        op = HessianOperator(
-            model, batches=batches, forward=problem.forward, loss=problem.loss,
-            device=worker.device,
-            reuse_graph={"auto": "auto", "on": True, "off": False}[args.reuse_graph],
-            local_processes=worker.local_world_size, hvp_mode=args.hvp_mode)
-    except FloatingPointError as exc:  # the same on every rank: the loss is all-reduced
+        op = CURVATURES[name](model, batches=batches, forward=problem.forward,
+                              loss=problem.loss, device=worker.device,
+                              local_processes=worker.local_world_size, **options)
+    except (FloatingPointError, ValueError) as exc:  # the same on every rank
         raise utils.DataError(f"{exc} ({problem.label})") from None
     g = op.gradient()  # all-reduced: the same on every rank
     if not torch.isfinite(g).all():
         bad = int((~torch.isfinite(g)).sum())
         raise utils.DataError(f"{bad} of the {g.numel():,} gradient components of the loss at "
                               f"these weights are not finite in {op.dtype} (the loss is "
-                              f"{op.loss():.4g}), so Hessian-vector products would be too; "
+                              f"{op.loss():.4g}), so the products would be too; "
                               f"check the weights ({problem.label})")
     return op
 
 
+def run_curvature(args, name, problem, model, batches, ctx, setup):
+    """Build one curvature's operator and run every selected analysis on it; ``setup`` holds
+    the data record and the start time, and says whether the set-up lines were printed."""
+    tagged = args.curvature != ["hessian"]  # the Hessian alone prints as it always has
+    if tagged:
+        print0(f"=== {name}: {TITLES[name]} ===")
+    print0(f"building {BUILDING[name]}...")
+    t0 = time.perf_counter()
+    op = utils.agree(ctx, lambda: build_operator(args, name, problem, model, batches, ctx))
+    if "data" not in setup:
+        setup["data"] = {
+            "dataset": problem.data_name, "split": problem.hessian_split,
+            "num_samples": op.num_samples, "num_mini_batches": setup["num_batches"],
+            "mini_batch_size": args.mini_hessian_batch_size,
+            "samples_per_rank": utils.gather_objects(ctx, op.local_num_samples),
+            "normalization": problem.record().get("normalization"), "seed": args.seed,
+            "loss": problem.loss_description}
+        lines = utils.describe_setup(op, setup["data"], ctx, time.perf_counter() - setup["t"])
+    else:  # the data, launch and loss lines were printed for the first curvature
+        lines = [f"{op.describe_product()}; {op.describe_memory()}; set-up "
+                 f"{time.perf_counter() - t0:.1f} s"]
+    for line in lines:
+        print0(line)
+    actx = Context(args=args, op=op, model=model, worker=ctx, problem=problem, curvature=name,
+                   tag=name if tagged else "")
+    for analysis in selected(args):
+        actx.results[analysis.name] = actx.timed(analysis, lambda a=analysis: a.run(actx))
+        for i, line in enumerate(analysis.summary(actx.results[analysis.name], actx)):
+            print0(f"[{name}] {line}" if tagged and i == 0 else line)
+    actx.operator_stats = op.stats()
+    if len(args.curvature) > 1:
+        op.release()  # its graphs or gradients: the next curvature gets the memory
+    return actx
+
+
 def worker(ctx, args, plan):
-    """One rank: load once, build the operator, run the analyses, rank 0 writes."""
+    """One rank: load once, then per curvature build its operator and run the analyses; rank 0
+    writes."""
     t_start = time.perf_counter()
     torch.backends.cuda.matmul.allow_tf32 = args.tf32  # products stay float32 unless asked
     torch.backends.cudnn.allow_tf32 = args.tf32
@@ -232,40 +296,35 @@ def worker(ctx, args, plan):
         print0(f"warning: {num_batches} mini-batches for {ctx.world_size} ranks: "
                f"{ctx.world_size - num_batches} ranks hold no data; lower "
                "--mini-hessian-batch-size to use them")
-    print0("building the Hessian operator (one forward/backward pass over the samples)...")
-    op = utils.agree(ctx, lambda: build_operator(args, problem, model, batches, ctx))
-    data = {"dataset": problem.data_name, "split": problem.hessian_split,
-            "num_samples": op.num_samples, "num_mini_batches": num_batches,
-            "mini_batch_size": args.mini_hessian_batch_size,
-            "samples_per_rank": utils.gather_objects(ctx, op.local_num_samples),
-            "normalization": problem.record().get("normalization"), "seed": args.seed,
-            "loss": problem.loss_description}
-    for line in utils.describe_setup(op, data, ctx, time.perf_counter() - t_start):
-        print0(line)
-
-    analyses = selected(args)
-    actx = Context(args=args, op=op, model=model, worker=ctx, problem=problem)
-    for analysis in analyses:
-        actx.results[analysis.name] = actx.timed(analysis, lambda a=analysis: a.run(actx))
-        for line in analysis.summary(actx.results[analysis.name], actx):
-            print0(line)
-
+    setup = {"t": t_start, "num_batches": num_batches}
+    ctxs = {name: run_curvature(args, name, problem, model, batches, ctx, setup)
+            for name in args.curvature}
     if ctx.rank == 0:
-        meta = plan.meta
-        model_info = {"description": problem.describe(), "problem": problem.record(),
-                      "arch": meta.get("arch"),
-                      "num_parameters": utils.count_parameters(model), "num_trainable": op.dim,
-                      "checkpoint": {k: meta.get(k) for k in (
-                          "path", "source", "epoch", "test_accuracy")}}
-        record = utils.run_record(args, ctx, op, model_info, data, analyses, actx, t_start)
-        note = f"this run's files had already been written to {args.output_dir}"
-        written, removed, warnings = utils.write_outputs(
-            args, record, analyses, actx, utils.output_files(REGISTRY),
-            on_commit=lambda: ctx.committed(note))
-        for line in warnings:
+        write_results(args, plan, model, setup["data"], ctxs, ctx, t_start)
+
+
+def write_results(args, plan, model, data, ctxs, ctx, t_start):
+    """Rank 0: the side-by-side lines (several curvatures), results.json and every file."""
+    meta, problem = plan.meta, plan.problem
+    op = next(iter(ctxs.values())).op
+    analyses = selected(args)
+    model_info = {"description": problem.describe(), "problem": problem.record(),
+                  "arch": meta.get("arch"),
+                  "num_parameters": utils.count_parameters(model), "num_trainable": op.dim,
+                  "checkpoint": {k: meta.get(k) for k in (
+                      "path", "source", "epoch", "test_accuracy")}}
+    record = utils.run_record(args, ctx, op, model_info, data, analyses, ctxs, t_start)
+    if len(ctxs) > 1:
+        for line in utils.side_by_side(record):
             print0(line)
-        print0("wrote " + ", ".join(written)
-               + (f"; removed {', '.join(removed)} of an earlier run" if removed else ""))
+    note = f"this run's files had already been written to {args.output_dir}"
+    written, removed, warnings = utils.write_outputs(
+        args, record, analyses, ctxs, utils.output_files(REGISTRY, CURVATURES),
+        on_commit=lambda: ctx.committed(note))
+    for line in warnings:
+        print0(line)
+    print0("wrote " + ", ".join(written)
+           + (f"; removed {', '.join(removed)} of an earlier run" if removed else ""))
 
 
 # ---------------------------------------------------------------------------- main

@@ -48,7 +48,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from problems import ImageProblem, check_problem, file_problem_of_record, training_problem
+from problems import (
+    ImageProblem,
+    check_curvatures,
+    check_problem,
+    file_problem_of_record,
+    training_problem,
+)
 from pyhessian_dist import batch_size
 from pyhessian_dist.batches import move_batch
 from pyhessian_dist.distributed import all_reduce_, launched_by_torchrun, print0
@@ -64,6 +70,7 @@ from support.cli import (
     ArgumentParser,
     HelpFormatter,
     add_bool_flag,
+    curvature_list,
     nonnegative_float,
     nonnegative_int,
     positive_float,
@@ -177,6 +184,11 @@ def _add_curvature_flags(p):
                    help="training samples in the fixed Hessian subset (chosen by --seed)")
     p.add_argument("--hessian-mini-batch", type=positive_int, default=100,
                    help="samples per Hessian mini-batch")
+    p.add_argument("--curvature", type=curvature_list, default=["hessian"],
+                   metavar="NAME[,NAME...]",
+                   help="with --hessian-every: what each check measures: hessian, ggn "
+                        "(generalized Gauss-Newton), ef (empirical Fisher), or several, "
+                        "comma-separated")
 
 
 def given_flags(parser, argv):
@@ -234,8 +246,9 @@ def validate(args) -> Plan:
     model = make_model(plan.problem)
     check_problem(plan.problem, model, splits=("train", "test"))
     if args.hessian_every:
-        hessian_subset(plan.problem.dataset("train"), args.hessian_samples, args.seed,
-                       flag="--hessian-samples")
+        indices = hessian_subset(plan.problem.dataset("train"), args.hessian_samples,
+                                 args.seed, flag="--hessian-samples")
+        check_curvatures(plan.problem, model, args.curvature, indices[:4])
     plan.replace = check_saving_folder(args, paths)
     return plan
 
@@ -309,8 +322,10 @@ def check_combinations(args):
     if args.image_size != 32 and not args.model:
         raise UserError(f"the built-in CIFAR ResNet takes 32x32 images; pass --model "
                         f"MODULE:CALLABLE to train another model at --image-size {args.image_size}")
-    if args.hessian_trace and not args.hessian_every:
-        raise UserError("--hessian-trace needs --hessian-every N (epochs between checks)")
+    for flag in ("hessian_trace", "curvature"):
+        if flag in args.given and not args.hessian_every:
+            raise UserError(f"--{flag.replace('_', '-')} needs --hessian-every N (epochs "
+                            "between checks)")
     if args.hessian_every and args.hessian_mini_batch > args.hessian_samples:
         raise UserError(f"--hessian-mini-batch {args.hessian_mini_batch} is larger than "
                         f"--hessian-samples {args.hessian_samples}; make it at most that")
@@ -510,7 +525,7 @@ def make_tracker(ctx, args, plan, run):
         samples=args.hessian_samples, mini_batch=args.hessian_mini_batch, seed=args.seed,
         trace=args.hessian_trace, momentum=MOMENTUM, json_path=plan.paths["curvature_json"],
         png_path=plan.paths["curvature_png"], previous=previous,
-        settings={"checkpoint": args.checkpoint_name})
+        settings={"checkpoint": args.checkpoint_name}, curvatures=args.curvature)
 
 
 def remove_earlier(paths):
@@ -672,9 +687,10 @@ def track_curvature(ctx, run, epoch, stats, test_loss, test_acc):
                       test_accuracy=test_acc)
     if not tracker.due(epoch):
         return
-    record = tracker.check(run.plain, epoch=epoch, step=run.global_step, lr=stats.lr,
-                           train_loss=stats.loss, test_loss=test_loss, test_accuracy=test_acc)
-    print0(check_line(record))
+    records = tracker.check(run.plain, epoch=epoch, step=run.global_step, lr=stats.lr,
+                            train_loss=stats.loss, test_loss=test_loss, test_accuracy=test_acc)
+    for record in records:
+        print0(check_line(record))
 
     def write():
         if ctx.rank != 0:

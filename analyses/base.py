@@ -148,16 +148,26 @@ class Analysis:
 @dataclass
 class Context:
     """What an analysis runs on: the options, the operator, the model, the rank, and the
-    results of the analyses that ran before it."""
+    results of the analyses that ran before it. ``curvature`` names the matrix ``op`` is
+    ("hessian", "ggn", "ef"; units stay curvature-agnostic, the landscape's check reads it);
+    ``tag`` (e.g. "ggn", or "" when only the Hessian is analysed) marks the progress lines."""
 
     args: object
-    op: object                      # a HessianOperator over this rank's shard
+    op: object                      # a ModelOperator (Hessian, GGN, EF) over this rank's shard
     model: object
     worker: object                  # support.launch.WorkerContext
     problem: object = None          # problems.Problem: forward, loss, accuracy
     results: dict = field(default_factory=dict)
     costs: dict = field(default_factory=dict)
+    curvature: str = "hessian"
+    tag: str = ""
+    operator_stats: dict | None = None  # op.stats() when its analyses are done
     _groups: list | None = None
+
+    @property
+    def product_label(self) -> str:
+        """What one product of ``op`` is called ("HVP", "GGN product", ...)."""
+        return getattr(self.op, "product_label", "product")
 
     @property
     def rank(self) -> int:
@@ -191,6 +201,7 @@ class Context:
     def progress(self, tag: str, every: int = 1):
         """A callback printing a Step as one line on rank 0, for every ``every``-th product."""
         last = {"m": 0, "probes": 0}
+        tag = f"{self.tag} {tag}" if self.tag else tag
 
         def show(step: Step) -> None:
             if step.error_kind == "standard error":  # one Step per probe
@@ -199,7 +210,7 @@ class Context:
                 return
             last["m"] = step.matvecs
             print0(f"  [{tag}{' ' + step.label if step.label else ''}] "
-                   f"{_progress(step, last['probes'])}")
+                   f"{_progress(step, last['probes'], self.product_label)}")
         return show
 
     def timed(self, analysis: Analysis, fn):
@@ -217,16 +228,16 @@ class Context:
 
     def cost_line(self, analysis: Analysis) -> str:
         c = self.costs.get(analysis.name, {})
-        return f"{c.get('num_matvecs', 0)} HVPs, {c.get('seconds', 0.0):.1f} s"
+        return f"{c.get('num_matvecs', 0)} {self.product_label}s, {c.get('seconds', 0.0):.1f} s"
 
 
 def fmt_values(values, digits: int = 6) -> str:
     return "[" + ", ".join(f"{v:.{digits}g}" for v in values) + "]"
 
 
-def _progress(step: Step, probes: int = 0) -> str:
+def _progress(step: Step, probes: int = 0, label: str = "HVP") -> str:
     total = f"/{step.max_matvecs}" if step.max_matvecs else ""
-    head = f"HVP {step.matvecs:3d}{total}: "
+    head = f"{label} {step.matvecs:3d}{total}: "
     if step.error_kind == "standard error":
         (mean,), (se,) = step.values, step.errors
         if math.isnan(se):

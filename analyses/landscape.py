@@ -178,6 +178,7 @@ class Landscape(Analysis):
         check = curvature_check(op, V[0], lams[0], radius)
         count += check["num_evaluations"]
         check["piecewise_ops"] = kinked_ops(op)
+        check["curvature"] = ctx.curvature
         check["note"] = _check_note(check)
 
         grid = None
@@ -221,7 +222,9 @@ class Landscape(Analysis):
                          f"weights overflow; lower --landscape-radius (now {r.radius:.4g}, "
                          f"{r.radius_rule})")
         c = r.curvature_check
-        lines.append(f"    curvature check: second difference along v1 = "
+        what = {"ggn": "Hessian vs GGN", "ef": "Hessian vs empirical Fisher"}.get(
+            c.get("curvature"), "curvature check")
+        lines.append(f"    {what}: second difference along v1 = "
                      f"{c['second_difference']:.6g} vs lambda_1 = {c['lambda_1']:.6g} (rel. diff "
                      f"{c['relative_difference']:.1e}, h = {c['h']:.1e})")
         if c.get("note"):
@@ -232,7 +235,7 @@ class Landscape(Analysis):
             per += f" + {len(r.offsets)}^2 grid"
         lines.append(f"    cost: {r.num_evaluations} loss evaluations ({per} + "
                      f"{c['num_evaluations']} for the check; each a forward pass over the "
-                     f"{r.num_samples} samples, no HVPs), {seconds:.1f} s")
+                     f"{r.num_samples} samples, no {ctx.product_label}s), {seconds:.1f} s")
         return lines
 
     def to_json(self, r, ctx):
@@ -244,8 +247,26 @@ class Landscape(Analysis):
                       lambda png, pdf: plot_landscape(data, png, pdf))
 
 
+_OTHER_CURVATURES = {
+    "ggn": ("lambda_1 is the GGN's (v1'G v1), the second difference the Hessian's along the "
+            "same v1 (v1'H v1): they differ by v1'(H - G) v1, the second-order term of the "
+            "network that the Gauss-Newton leaves out (Papyan's H = G + R), so the difference "
+            "measures R along v1, not an error{kinks}"),
+    "ef": ("lambda_1 is the empirical Fisher's (v1'F v1), the second difference the Hessian's "
+           "along the same v1 (v1'H v1): no identity relates the two (the empirical Fisher is "
+           "not a curvature of the loss), so the difference is shown for reference, not as an "
+           "error{kinks}"),
+}
+
+
 def _check_note(check) -> str | None:
-    """Why the curvature check may disagree, when it does by more than 1%."""
+    """Why the curvature check may disagree, when it does by more than 1%; for a curvature
+    other than the Hessian, what the comparison means (it is no check there)."""
+    other = _OTHER_CURVATURES.get(check.get("curvature", "hessian"))
+    if other is not None:
+        ops = check["piecewise_ops"]
+        return other.format(kinks=f"; the second difference also sees the kinks of "
+                                  f"{', '.join(ops)}" if ops else "")
     rel = check["relative_difference"]
     if not rel > 1e-2:
         return None

@@ -11,7 +11,7 @@ loss -- behind one seam.
 
 Data flows one way: script -> problem -> data shards -> operator -> estimator -> result.
 """
-from .base import Problem, ProblemError, check_problem
+from .base import Problem, ProblemError, check_curvatures, check_problem
 from .files import FileProblem
 from .images import ImageProblem, describe_arch, image_record
 from .select import (
@@ -24,5 +24,5 @@ from .select import (
 )
 
 __all__ = ["BUILTIN_FLAGS", "FileProblem", "ImageProblem", "Problem", "ProblemError",
-           "analysis_problem", "build_model", "check_problem", "describe_arch",
+           "analysis_problem", "build_model", "check_curvatures", "check_problem", "describe_arch",
            "file_problem_of_record", "image_record", "load_checkpoint", "training_problem"]

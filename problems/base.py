@@ -23,7 +23,9 @@ default ``dataset("train")``) and ``recipe()`` (a dict of training.py defaults s
 
 :class:`Problem` is the base class the built-in problems derive from; a user's file becomes a
 :class:`~problems.files.FileProblem`. :func:`check_problem` runs every check that can fail on a
-user's problem before any worker starts, each failure one :class:`ProblemError` sentence.
+user's problem before any worker starts, each failure one :class:`ProblemError` sentence;
+:func:`check_curvatures` whether each curvature asked for (``--curvature``) can be taken of
+the problem's loss.
 """
 from __future__ import annotations
 
@@ -33,10 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyhessian_dist import CURVATURES
 from pyhessian_dist.batches import batch_size, default_forward, move_batch
 from support.errors import UserError
 
-__all__ = ["Problem", "ProblemError", "check_problem"]
+__all__ = ["Problem", "ProblemError", "check_curvatures", "check_problem"]
 
 
 class ProblemError(UserError):
@@ -139,6 +142,29 @@ def check_problem(problem: Problem, model: nn.Module, *, splits=("train",),
     loss, accuracy = _first_loss(problem, model, batch, count)
     return {"num_samples": {s: len(d) for s, d in data.items()},
             "has_accuracy": accuracy is not None, "loss": loss}
+
+
+def check_curvatures(problem: Problem, model: nn.Module, curvatures, indices) -> None:
+    """``ProblemError`` unless every curvature of ``curvatures`` (names of
+    ``pyhessian_dist.CURVATURES``) can be taken of the problem's loss, checked by the curvature's
+    ``check_loss`` on the batch of train samples ``indices`` (a few of the Hessian samples) at
+    the model's current weights: the GGN needs a loss of the outputs alone, the empirical
+    Fisher a mean of per-sample losses; the Hessian any mean loss."""
+    where = _where(problem)
+    train = problem.dataset("train")
+    batch = problem.collate([train[i] for i in indices])
+    for name in curvatures:
+        try:
+            CURVATURES[name].check_loss(model, batch, forward=problem.forward,
+                                        loss=problem.loss)
+        except UserError:
+            raise
+        except ValueError as exc:
+            raise ProblemError(f"{where}--curvature {name}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - a user's code may raise anything
+            raise ProblemError(f"{where}--curvature {name}: checking the loss on a first batch "
+                               f"of {len(indices)} samples failed: {type(exc).__name__}: "
+                               f"{_first(exc)}") from None
 
 
 def _check_dataset(problem, split):

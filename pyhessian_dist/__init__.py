@@ -2,7 +2,9 @@
 
 The pieces: ``operators/``: a small linear-operator base (``LinearOperator``,
 ``DenseOperator``, ``CallableOperator``), ``ModelOperator`` (a curvature matrix of a model's
-mean loss over every rank's mini-batches, one all-reduce per product) and ``HessianOperator``;
+mean loss over every rank's mini-batches, one all-reduce per product) and its curvatures
+``HessianOperator``, ``GGNOperator`` (generalized Gauss-Newton) and ``EmpiricalFisherOperator``
+(by name in ``CURVATURES``);
 ``batches``: mini-batches of any layout (``batch_size``) with a ``forward(model, batch)`` and a
 ``loss(outputs, batch)``; ``estimators/``: matrix-free algorithms that take any operator
 (Lanczos, power iteration, Hutchinson with optional Krylov deflation, Hutch++, SLQ) and return
@@ -26,9 +28,12 @@ from .estimators import (
 from .groups import parameter_groups
 from .hessian import hessian
 from .operators import (
+    CURVATURES,
     HVP_MODES,
     CallableOperator,
     DenseOperator,
+    EmpiricalFisherOperator,
+    GGNOperator,
     HessianOperator,
     LinearOperator,
     ModelOperator,
@@ -39,12 +44,15 @@ from .results import DensityResult, DiagonalResult, EigenResult, Step, TraceResu
 __version__ = "0.2.0"
 
 __all__ = [
+    "CURVATURES",
     "HVP_MODES",
     "CallableOperator",
     "DenseOperator",
     "DensityResult",
     "DiagonalResult",
     "EigenResult",
+    "EmpiricalFisherOperator",
+    "GGNOperator",
     "HessianOperator",
     "KrylovDeflation",
     "LinearOperator",

@@ -13,6 +13,9 @@ gets the numbers of the union of the shards. Keyword arguments that PyHessian co
 give more: ``method="lanczos"``, ``which="SA"`` (most negative eigenvalues), the trace's
 ``rse``/``deflate``/``per_layer``, ``diagonal()``, ``seed=`` for reproducible numbers. The full
 result of the last call (error bars, products used, convergence history) is ``last_result``.
+``curvature="ggn"`` or ``"ef"`` analyses the generalized Gauss-Newton matrix or the empirical
+Fisher instead of the Hessian, with the same methods; code that does not pass it gets the
+Hessian, as before.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from .estimators import (
     slq_density,
 )
 from .groups import parameter_groups
-from .operators import HessianOperator
+from .operators import CURVATURES
 
 __all__ = ["hessian"]
 
@@ -54,9 +57,12 @@ class hessian:  # noqa: N801 - the name PyHessian users import
         seed: ``None`` (default, as PyHessian): every call draws its random vectors from
             torch's global RNG (one seed per call, taken from rank 0 when distributed); an
             int: every call starts from ``torch.Generator().manual_seed(seed)`` (reproducible).
-        **operator_kwargs: passed to ``HessianOperator`` (``reuse_graph``, ``data_on_device``,
-            ``hvp_mode``, ``memory_budget_bytes``, ``forward`` for a model that is not called
-            as ``model(inputs)``, ...).
+        curvature: ``"hessian"`` (default), ``"ggn"`` (the generalized Gauss-Newton matrix,
+            ``GGNOperator``) or ``"ef"`` (the empirical Fisher, ``EmpiricalFisherOperator``):
+            the matrix every method below analyses.
+        **operator_kwargs: passed to the operator (``HessianOperator``: ``reuse_graph``,
+            ``data_on_device``, ``hvp_mode``, ``memory_budget_bytes``, ``forward`` for a model
+            that is not called as ``model(inputs)``, ...; the others take theirs).
 
     What is resident: the mini-batches are kept where the loader put them (host memory,
     pinned for CUDA) and moved to the device one at a time per product unless they fit in a
@@ -71,19 +77,23 @@ class hessian:  # noqa: N801 - the name PyHessian users import
     """
 
     def __init__(self, model, criterion, data=None, dataloader=None, cuda=True, *,
-                 seed: int | None = None, **operator_kwargs):
+                 seed: int | None = None, curvature: str = "hessian", **operator_kwargs):
         if (data is None) == (dataloader is None):
             raise ValueError("pass exactly one of data=(inputs, targets) or dataloader=...")
+        if curvature not in CURVATURES:
+            raise ValueError(f"unknown curvature {curvature!r}: use one of "
+                             f"{', '.join(map(repr, CURVATURES))}")
         self.device = _facade_device(cuda)
         self.model = model.to(self.device)
         self.criterion = criterion
         self.full_dataset = dataloader is not None
         self.data = data if data is not None else dataloader
         batches = [data] if data is not None else list(dataloader)
-        if data is not None:
+        if data is not None and curvature != "ef":
             operator_kwargs.setdefault("reuse_graph", True)
-        self.operator = HessianOperator(self.model, criterion=criterion, batches=batches,
-                                        device=self.device, **operator_kwargs)
+        self.curvature = curvature
+        self.operator = CURVATURES[curvature](self.model, criterion=criterion, batches=batches,
+                                              device=self.device, **operator_kwargs)
         self.params = self.operator.params
         self.seed = seed
         self.last_result = None
@@ -91,9 +101,10 @@ class hessian:  # noqa: N801 - the name PyHessian users import
     # ------------------------------------------------------------------ PyHessian's attributes
     @property
     def gradsH(self):  # noqa: N802 - PyHessian's name
-        """Gradient of the mean loss, per parameter (graph-connected when the graphs are kept)."""
+        """Gradient of the mean loss, per parameter (graph-connected when the Hessian's graphs
+        are kept)."""
         op = self.operator
-        if op.reuse_graph:
+        if self.curvature == "hessian" and op.reuse_graph:
             return op.to_list(torch.stack(op._graphs).sum(0))
         return op.to_list(op.gradient())
 

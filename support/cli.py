@@ -4,11 +4,13 @@ import math
 import textwrap
 
 from models.resnet import blocks_per_stage
+from pyhessian_dist import CURVATURES
 
 __all__ = [
     "ArgumentParser",
     "HelpFormatter",
     "add_bool_flag",
+    "curvature_list",
     "nonnegative_float",
     "nonnegative_int",
     "positive_float",
@@ -83,3 +85,19 @@ def resnet_depth(text):
             f"must be 6n+2 with n >= 1 (e.g. 20, 32, 44, 56, 110), got {text!r}"
         ) from None
     return depth
+
+
+def curvature_list(text):
+    """argparse type: comma-separated curvature names ("hessian", "ggn", "ef"), each once."""
+    names = [n.strip() for n in text.split(",")]
+    for name in names:
+        if name not in CURVATURES:
+            raise argparse.ArgumentTypeError(
+                f"unknown curvature {name!r} in {text!r}: choose from {', '.join(CURVATURES)} "
+                "(hessian: the loss Hessian; ggn: the generalized Gauss-Newton matrix; ef: the "
+                "empirical Fisher), comma-separated for several")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"{', '.join(twice)} given twice in {text!r}; name "
+                                         "each curvature once")
+    return names

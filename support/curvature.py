@@ -1,7 +1,9 @@
 """Curvature during training (``training.py --hessian-every N``): lambda_1 and the trace of the
-loss Hessian on a fixed subset of the training set, recorded next to the checkpoint.
+loss Hessian (or, with ``--curvature``, of the GGN or the empirical Fisher, or several of them)
+on a fixed subset of the training set, recorded next to the checkpoint.
 
-Every check builds a ``HessianOperator`` on the plain model (not the DDP wrapper) in eval mode
+Every check builds, for each curvature, its operator (``HessianOperator``, ``GGNOperator``,
+``EmpiricalFisherOperator``) on the plain model (not the DDP wrapper) in eval mode
 (BatchNorm uses its running statistics, identical on every rank), with the problem's mean loss
 (its ``forward`` and ``loss``; cross-entropy for the built-in classifier) over a FIXED set of
 ``--hessian-samples`` samples of its un-augmented train split (``hessian_subset`` by ``--seed``;
@@ -21,8 +23,10 @@ every eigenvalue. Then
 
 The random vectors come from a private generator seeded from (seed, epoch), the same on every
 rank; the global RNG is never touched, so training with and without checks draws the same
-random numbers and ``--resume`` stays exact. Rank 0 writes ``<name>.curvature.json`` (every
-check and every epoch's loss and learning rate, atomically) and ``<name>.curvature.png``.
+random numbers and ``--resume`` stays exact; every curvature of a check starts from the same
+random vectors. Rank 0 writes ``<name>.curvature.json`` (every check -- one record per
+curvature, naming it in ``"curvature"`` -- and every epoch's loss and learning rate, atomically)
+and ``<name>.curvature.png``.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ import time
 import torch
 from torch import nn
 
-from pyhessian_dist import HessianOperator, hutchinson_trace, lanczos_eigenpairs
+from pyhessian_dist import CURVATURES, hutchinson_trace, lanczos_eigenpairs
 from pyhessian_dist.results import json_safe
 from support.datasets import hessian_subset, shard_batches
 from support.errors import UserError
@@ -56,8 +60,12 @@ TYPICAL_LANCZOS_PRODUCTS = (5, 20)
 TYPICAL_TRACE_PRODUCTS = (20, 60)
 # One Hessian-vector product over n samples costs about this many training passes (forward +
 # backward) over the same n samples (double backward through a kept graph; measured on CPU:
-# 2.7 s against 1.4 s for ResNet20 and 500 samples).
+# 2.7 s against 1.4 s for ResNet20 and 500 samples). A GGN product costs less, an empirical
+# Fisher product with kept per-sample gradients almost nothing (bench/bench_curvature.py).
 PRODUCT_COST_IN_TRAINING_PASSES = 2.0
+#: how a check line names one product of each curvature
+PRODUCT_WORDS = {"hessian": "Hessian-vector products", "ggn": "GGN-vector products",
+                 "ef": "empirical-Fisher-vector products"}
 
 
 def curvature_paths(saving_folder: str, checkpoint_name: str) -> tuple[str, str]:
@@ -87,8 +95,10 @@ class CurvatureTracker:
     """The fixed Hessian subset of this rank, the checks so far, and the files rank 0 writes."""
 
     def __init__(self, ctx, problem, *, every, epochs, samples, mini_batch, seed, trace,
-                 momentum, json_path, png_path, settings=None, previous=((), ())):
+                 momentum, json_path, png_path, settings=None, previous=((), ()),
+                 curvatures=("hessian",)):
         self.ctx, self.problem, self.every, self.epochs = ctx, problem, int(every), int(epochs)
+        self.curvatures = list(curvatures)
         self.seed, self.trace, self.momentum = int(seed), bool(trace), float(momentum)
         self.samples, self.mini_batch = int(samples), int(mini_batch)
         self.json_path, self.png_path = json_path, png_path
@@ -105,7 +115,7 @@ class CurvatureTracker:
             "loss": f"{problem.loss_description} (weight decay not included)",
             "lanczos_tol": LANCZOS_TOL, "lanczos_max_steps": LANCZOS_MAX_STEPS,
             "trace_rse": TRACE_RSE, "trace_deflate": "auto", "momentum": self.momentum,
-            **(settings or {})}
+            "curvatures": self.curvatures, **(settings or {})}
 
     def due(self, epoch: int) -> bool:
         """Whether a check follows ``epoch`` (every N epochs, and after the last)."""
@@ -120,26 +130,40 @@ class CurvatureTracker:
         # the trace: up to 50 deflation steps besides its probes (8 pilots among them)
         worst = LANCZOS_MAX_STEPS + (TRACE_MAX_PROBES + 50 if self.trace else 0)
         per_product = PRODUCT_COST_IN_TRAINING_PASSES * self.samples / max(train_size, 1)
+        k = len(self.curvatures)
+        lo, hi, worst = lo * k, hi * k, worst * k
         what = "lambda_1" + (" and the trace" if self.trace else "")
+        if self.curvatures != ["hessian"]:
+            what += f" of the {', '.join(self.curvatures)}"
+        products = "Hessian-vector products" if k == 1 and self.curvatures == ["hessian"] \
+            else "products (at most a Hessian-vector product's cost each)"
         return (f"curvature: {what} after every {self.every} epoch(s) and the last ({n} "
                 f"checks) on {self.samples} training samples in {self.num_batches} "
-                f"mini-batches; each check ~{lo}-{hi} Hessian-vector products (at most {worst}),"
+                f"mini-batches; each check ~{lo}-{hi} {products} (at most {worst}),"
                 f" about {lo * per_product:.2g}-{hi * per_product:.2g} epochs of training "
                 "compute")
 
-    def check(self, model: nn.Module, **point) -> dict:
+    def check(self, model: nn.Module, **point) -> list[dict]:
         """Measure at the current weights (every rank calls this); ``point`` holds epoch, step,
-        lr, train_loss, test_loss, test_accuracy. Returns the record (also kept)."""
-        t0 = time.perf_counter()
+        lr, train_loss, test_loss, test_accuracy. Returns one record per curvature (also
+        kept)."""
         was_training = model.training
-        op = HessianOperator(model, batches=self.batches, forward=self.problem.forward,
-                             loss=self.problem.loss, device=self.ctx.device,
-                             local_processes=self.ctx.local_world_size)
+        records = [self._check(model, name, point) for name in self.curvatures]
+        model.train(was_training)
+        self.checks.extend(records)
+        return records
+
+    def _check(self, model: nn.Module, name: str, point: dict) -> dict:
+        """One curvature's record at the current weights."""
+        t0 = time.perf_counter()
+        op = CURVATURES[name](model, batches=self.batches, forward=self.problem.forward,
+                              loss=self.problem.loss, device=self.ctx.device,
+                              local_processes=self.ctx.local_world_size)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(point["epoch"]))
         eig = lanczos_eigenpairs(op, k=1, which="LA", max_steps=min(LANCZOS_MAX_STEPS, op.dim),
                                  tol=LANCZOS_TOL, generator=generator)
         lam, rel = eig.eigenvalues[0], eig.error_bounds[0]
-        record = {**point, "two_over_lr": 2.0 / point["lr"],
+        record = {**point, "curvature": name, "two_over_lr": 2.0 / point["lr"],
                   "momentum_threshold": (2.0 + 2.0 * self.momentum) / point["lr"],
                   "hessian_loss": op.loss(), "lambda_1": lam,
                   "lambda_1_error_bound": abs(lam) * rel, "lambda_1_converged": eig.converged,
@@ -153,8 +177,6 @@ class CurvatureTracker:
         record.update(products=op.num_matvecs, seconds=time.perf_counter() - t0,
                       world_size=self.ctx.world_size)
         del op  # frees the kept graphs before training goes on
-        model.train(was_training)
-        self.checks.append(record)
         return record
 
     def log_epoch(self, **values) -> None:
@@ -183,12 +205,14 @@ class CurvatureTracker:
 
 
 def check_line(r: dict) -> str:
-    """One line per check: lambda_1 against 2/lr, the trace, the cost."""
-    line = (f"curvature after epoch {r['epoch']} (step {r['step']}): lambda_1 "
+    """One line per check and curvature: lambda_1 against 2/lr, the trace, the cost."""
+    name = r.get("curvature", "hessian")
+    which = "" if name == "hessian" else f", {name}"
+    line = (f"curvature after epoch {r['epoch']} (step {r['step']}{which}): lambda_1 "
             f"{r['lambda_1']:.4g} (error bound {r['lambda_1_error_bound']:.2g}), 2/lr "
             f"{r['two_over_lr']:.4g}")
     if "trace" in r:
         se = r["trace_stderr"]
         line += f", trace {r['trace']:.4g} ± {se:.2g} (1 s.e.)" if math.isfinite(se) else \
             f", trace {r['trace']:.4g}"
-    return line + f"; {r['products']} Hessian-vector products, {r['seconds']:.1f} s"
+    return line + f"; {r['products']} {PRODUCT_WORDS[name]}, {r['seconds']:.1f} s"

@@ -2,7 +2,8 @@
 
 * the ESD as the original draws it: ``density_generate`` (10,000-point grid, Gaussians of
   variance 1e-5 x max(1, range), integrating to 1; PyHessian's ``(density, grids)``) and
-  ``get_esd_plot`` (log-scale density against eigenvalue, a PDF and a PNG beside it);
+  ``get_esd_plot`` (log-scale density against eigenvalue, a PDF and a PNG beside it), and
+  several ESDs overlaid (``plot_esd_overlay``: the curvatures of one run);
 * the convergence figure (``plot_convergence``): the panels the analysis units contribute
   (``Panel`` of ``Series``: estimates against products or probes, with ± bands);
 * the per-layer figure (``plot_per_layer``), the loss landscape (``plot_landscape``), the
@@ -27,9 +28,9 @@ from pyhessian_dist.density import gaussian_density
 
 __all__ = ["Panel", "RunPoints", "Series", "SpectrumOverlay", "compare_figure",
            "convergence_figure", "curvature_figure", "density_generate", "esd_figure",
-           "get_esd_plot", "is_number", "landscape_figure", "per_layer_figure", "plot_compare",
-           "plot_convergence", "plot_curvature", "plot_landscape", "plot_per_layer",
-           "save_figure"]
+           "esd_overlay_figure", "get_esd_plot", "is_number", "landscape_figure",
+           "per_layer_figure", "plot_compare", "plot_convergence", "plot_curvature",
+           "plot_esd_overlay", "plot_landscape", "plot_per_layer", "save_figure"]
 
 _POSITIVE, _NEGATIVE = "tab:blue", "tab:red"
 
@@ -127,6 +128,25 @@ def get_esd_plot(eigenvalues, weights, path="example.pdf", png_path=None, title=
     default: beside it). Returns the paths written; each is written under a temporary name
     and renamed, so an interrupted run never leaves a truncated figure."""
     return _closing(esd_figure(eigenvalues, weights, title),
+                    lambda fig: _save_pair(fig, path, png_path))
+
+
+def esd_overlay_figure(items, labels, title=None):
+    """Several ESDs on one log axis, one colour each: ``items`` are ``(density, grids,
+    lambda_1 or None)`` (``density_generate``'s curve; lambda_1 dashed), ``labels`` their
+    names (the curvatures of one run)."""
+    fig, ax = _pyplot().subplots(figsize=(6.4, 4.4))
+    with _closed_on_error(fig):
+        SpectrumOverlay(title or "eigenvalue spectral densities (dashed: each $\\lambda_1$)"
+                        ).draw(ax, items, labels, [f"C{i % 10}" for i in range(len(items))])
+        fig.tight_layout()
+    return fig
+
+
+def plot_esd_overlay(items, labels, path, png_path=None, title=None) -> list[str]:
+    """Write ``esd_overlay_figure`` to ``path`` and a PNG (``png_path``, default: beside it);
+    returns the paths written."""
+    return _closing(esd_overlay_figure(items, labels, title),
                     lambda fig: _save_pair(fig, path, png_path))
 
 
@@ -429,10 +449,7 @@ def curvature_figure(checks: list, epochs: list, momentum: float = 0.0,
     Cohen et al. 2021); below, the train/test loss and the learning rate."""
     fig, (top, bottom) = _pyplot().subplots(2, 1, figsize=(7, 7), sharex=True)
     with _closed_on_error(fig):
-        ep = [c["epoch"] for c in checks]
-        top.errorbar(ep, [c["lambda_1"] for c in checks],
-                     yerr=[_finite(c["lambda_1_error_bound"]) for c in checks], marker="o", ms=4,
-                     label=r"$\lambda_1$ (top Hessian eigenvalue)")
+        _curvature_series(top, checks)
         lr_ep = [e["epoch"] for e in epochs]
         if epochs:
             top.step(lr_ep, [2.0 / e["lr"] for e in epochs], where="post", color="k", ls="--",
@@ -440,9 +457,6 @@ def curvature_figure(checks: list, epochs: list, momentum: float = 0.0,
             if momentum:  # heavy-ball SGD is stable on a quadratic up to (2 + 2 beta) / lr
                 top.step(lr_ep, [(2.0 + 2.0 * momentum) / e["lr"] for e in epochs], where="post",
                          color="k", ls=":", label=f"(2 + 2·{momentum:g}) / lr (momentum)")
-        if checks and "trace" in checks[0]:
-            top.errorbar(ep, [c["trace"] for c in checks], yerr=[_finite(c["trace_stderr"])
-                         for c in checks], marker="s", ms=3, color="0.55", label="trace (± s.e.)")
         top.set_yscale("log")
         top.set_ylabel("curvature")
         top.legend(fontsize=8)
@@ -461,6 +475,27 @@ def curvature_figure(checks: list, epochs: list, momentum: float = 0.0,
         bottom.grid(alpha=0.3)
         fig.tight_layout()
     return fig
+
+
+_CURVATURE_NAMES = {"hessian": "Hessian", "ggn": "GGN", "ef": "empirical Fisher"}
+
+
+def _curvature_series(ax, checks: list) -> None:
+    """lambda_1 (and the trace, ± s.e.) against epoch for each curvature the checks measured
+    (records without a "curvature" are the Hessian's), one colour each."""
+    groups: dict = {}
+    for c in checks:
+        groups.setdefault(c.get("curvature", "hessian"), []).append(c)
+    for i, (name, cs) in enumerate(groups.items()):
+        ep, words = [c["epoch"] for c in cs], _CURVATURE_NAMES.get(name, name)
+        ax.errorbar(ep, [c["lambda_1"] for c in cs],
+                    yerr=[_finite(c["lambda_1_error_bound"]) for c in cs], marker="o", ms=4,
+                    color=f"C{i}", label=rf"$\lambda_1$ (top {words} eigenvalue)")
+        if "trace" in cs[0]:
+            ax.errorbar(ep, [c["trace"] for c in cs], yerr=[_finite(c["trace_stderr"])
+                        for c in cs], marker="s", ms=3, color="0.55" if len(groups) == 1
+                        else f"C{i}", ls="-" if len(groups) == 1 else ":",
+                        label="trace (± s.e.)" if len(groups) == 1 else f"{words} trace (± s.e.)")
 
 
 def plot_curvature(checks: list, epochs: list, momentum: float = 0.0,

@@ -39,10 +39,17 @@ from support.cancel import cancels_held
 from support.errors import UserError
 from support.files import make_writable_folder, write_error
 
-__all__ = ["OutputError", "RunOutputs", "check_output_dir", "remove_stale_staging"]
+__all__ = ["OutputError", "RunOutputs", "check_output_dir", "remove_stale_staging", "tagged_name"]
 
 _STAGING_PREFIX = ".pyhessian-dist-staging-"
 STALE_AFTER_S = 24 * 3600   # another host's (or an older version's) staging folder
+
+
+
+def tagged_name(name: str, tag: str) -> str:
+    """``name`` with ``tag`` before its extension: ``per_layer.png`` -> ``per_layer.ggn.png``."""
+    stem, ext = os.path.splitext(name)
+    return f"{stem}.{tag}{ext}"
 
 
 class OutputError(UserError):
@@ -158,6 +165,11 @@ class RunOutputs:
             return
         self.files.extend(n for n in names if os.path.exists(self._staged(n)))
 
+    def tagged(self, tag: str) -> _Tagged:
+        """A view whose ``write`` writes each name tagged (``tagged_name``): one curvature's
+        files in a run of several."""
+        return _Tagged(self, tag)
+
     def failed(self, what: str, exc: Exception) -> None:
         """``what`` could not be written because of ``exc``: OutputError (the run ends, nothing
         is replaced), or with ``keep_partial`` a warning line and the run goes on."""
@@ -206,3 +218,21 @@ class RunOutputs:
     def __exit__(self, *exc):
         self.discard()
         return False
+
+
+class _Tagged:
+    """``RunOutputs.tagged``: ``write(names, make)`` with every name tagged."""
+
+    def __init__(self, outputs: RunOutputs, tag: str):
+        self.outputs, self.tag = outputs, tag
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.outputs.warnings
+
+    def failed(self, what: str, exc: Exception) -> None:
+        self.outputs.failed(what, exc)
+
+    def write(self, names, make) -> None:
+        names = [names] if isinstance(names, str) else list(names)
+        self.outputs.write([tagged_name(n, self.tag) for n in names], make)

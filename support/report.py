@@ -4,10 +4,19 @@
 memory); ``run_record`` builds results.json (configuration, environment, model, data, every
 analysis's results and costs); ``write_outputs`` stages results.json first, then every
 analysis's files and the convergence figure, and commits them as one set (see ``outputs``);
-``output_files`` lists the files an output folder manages.
+``output_files`` lists the files an output folder manages; ``side_by_side`` prints several
+curvatures' results next to each other.
+
+Several curvatures (``--curvature hessian,ggn``) analysed in one run each have their own
+``Context`` (``ctxs``, in the order given): results.json then maps each name to its results,
+costs and operator statistics, each unit's files and the convergence figure are written once
+per curvature with the name before the extension (``per_layer.ggn.png``), and the ESDs of all
+of them are overlaid in example.pdf/png. With one curvature everything is as for the Hessian
+alone, plus ``"curvatures": [name]``.
 """
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
@@ -15,11 +24,17 @@ import time
 import torch
 
 import pyhessian_dist
-from support.figures import plot_convergence
-from support.outputs import OutputError, RunOutputs
+from support.figures import density_generate, plot_convergence, plot_esd_overlay
+from support.outputs import OutputError, RunOutputs, tagged_name
 
 __all__ = ["describe_device", "describe_setup", "gradient_norm", "output_files", "run_record",
-           "write_outputs"]
+           "side_by_side", "write_outputs"]
+
+
+def gradient_norm(op) -> float:
+    """||g|| in float64: a float32 norm overflows to inf once the components pass ~1e19,
+    although every component (and every product) is finite."""
+    return op.gradient().to(torch.float64).norm().item()
 
 
 def describe_device(device) -> dict:
@@ -27,12 +42,6 @@ def describe_device(device) -> dict:
         return {"type": "cuda", "name": torch.cuda.get_device_name(device)}
     return {"type": "cpu", "name": platform.processor() or platform.machine(),
             "threads_per_process": torch.get_num_threads()}
-
-
-def gradient_norm(op) -> float:
-    """||g|| in float64: a float32 norm overflows to inf once the components pass ~1e19,
-    although every component (and every product) is finite."""
-    return op.gradient().to(torch.float64).norm().item()
 
 
 def describe_setup(op, data, worker, seconds) -> list[str]:
@@ -47,13 +56,20 @@ def describe_setup(op, data, worker, seconds) -> list[str]:
         f"{op.device.type}{threads}; {op.dim:,} trainable parameters",
         f"loss {op.loss():.6g} ({data['loss']} on these samples), gradient norm "
         f"{gradient_norm(op):.4g}; set-up {seconds:.1f} s",
-        f"HVP: {op.hvp_mode}; {op.describe_memory()}",
+        f"{op.describe_product()}; {op.describe_memory()}",
     ]
 
 
-def run_record(args, worker, op, model_info, data, analyses, ctx, t_start) -> dict:
-    """results.json: everything needed to know what was computed, how, and how well."""
-    results = {a.name: a.to_json(ctx.results[a.name], ctx) for a in analyses}
+def run_record(args, worker, op, model_info, data, analyses, ctxs, t_start) -> dict:
+    """results.json: everything needed to know what was computed, how, and how well; ``op``
+    is one of the operators (loss and gradient are the same for every curvature), ``ctxs``
+    the curvature name -> Context of each curvature analysed (see the module docstring)."""
+    per = {name: ({a.name: a.to_json(c.results[a.name], c) for a in analyses}, c.costs,
+                  c.operator_stats or c.op.stats()) for name, c in ctxs.items()}
+    if len(per) == 1:
+        results, costs, stats = next(iter(per.values()))
+    else:
+        results, costs, stats = ({name: p[i] for name, p in per.items()} for i in range(3))
     return {
         "config": vars(args), "launch": worker.mode, "world_size": worker.world_size,
         "backend": torch.distributed.get_backend() if worker.world_size > 1 else None,
@@ -62,43 +78,102 @@ def run_record(args, worker, op, model_info, data, analyses, ctx, t_start) -> di
                      "python": platform.python_version()},
         "model": model_info, "data": data,
         "loss": op.loss(), "gradient_norm": gradient_norm(op),
-        "operator": op.stats(), "results": results, "costs": ctx.costs,
+        "curvatures": list(ctxs), "operator": stats, "results": results, "costs": costs,
         "seconds_total": time.perf_counter() - t_start,
     }
 
 
-def output_files(analyses) -> tuple:
+def output_files(analyses, tags=()) -> tuple:
     """The files an output folder manages, in the order a run writes them: results.json, the
     ``files`` of ``analyses`` (every registered one: a later run removes those an earlier run
-    left), convergence.png."""
+    left), convergence.png; then the same files tagged with each of ``tags`` (the curvature
+    names: ``per_layer.ggn.png``), which a run of several curvatures writes."""
     files = ("results.json", *(f for a in analyses for f in a.files), "convergence.png")
     twice = sorted({f for f in files if files.count(f) > 1})
     if twice:
         raise ValueError(f"more than one analysis (or the run itself) writes {', '.join(twice)}")
-    return files
+    return files + tuple(tagged_name(f, t) for t in tags for f in files[1:])
 
 
-def write_outputs(args, record, analyses, ctx, files, on_commit=None
+def write_outputs(args, record, analyses, ctxs, files, on_commit=None
                   ) -> tuple[list[str], list[str], list[str]]:
     """Stage results.json, then each analysis's files and the convergence figure of the panels
-    the analyses contribute, and commit them together in --output-dir, which manages ``files``
+    the analyses contribute (per curvature, tagged with its name when there are several, then
+    the overlaid ESDs), and commit them together in --output-dir, which manages ``files``
     (stale ones of an earlier run are removed; ``on_commit()`` once they are in place); returns
     (written paths, stale files removed, warnings). A file that cannot be written is an
     OutputError and nothing is replaced, unless --keep-partial-outputs (then a warning)."""
     with RunOutputs(args.output_dir, files, getattr(args, "keep_partial_outputs", False),
                     on_commit) as out:
         out.write_json("results.json", record)
-        panels = []
-        for a in analyses:
-            _guarded(out, f"the {a.name} files", lambda a=a: a.write(ctx.results[a.name], ctx, out))
-            panels.append(_guarded(out, f"the {a.name} convergence panel",
-                                   lambda a=a: a.convergence(record["results"][a.name])))
-        panels = [p for p in panels if p is not None]
-        if panels:
-            out.write("convergence.png", lambda p: plot_convergence(panels, p))
+        several = len(ctxs) > 1
+        for name, ctx in ctxs.items():
+            entries = record["results"][name] if several else record["results"]
+            _write_units(out.tagged(name) if several else out, analyses, ctx, entries)
+        if several and any("density" in c.results for c in ctxs.values()):
+            out.write(("example.pdf", "example.png"),
+                      lambda pdf, png: _esd_overlay(record["results"], pdf, png))
         written, removed = out.commit()
     return [os.path.relpath(p) if not os.path.isabs(args.output_dir) else p
             for p in written], removed, out.warnings
+
+
+def _write_units(out, analyses, ctx, entries) -> None:
+    """Each unit's files and the convergence figure of one curvature's results."""
+    panels = []
+    for a in analyses:
+        _guarded(out, f"the {a.name} files", lambda a=a: a.write(ctx.results[a.name], ctx, out))
+        panels.append(_guarded(out, f"the {a.name} convergence panel",
+                               lambda a=a: a.convergence(entries[a.name])))
+    panels = [p for p in panels if p is not None]
+    if panels:
+        out.write("convergence.png", lambda p: plot_convergence(panels, p))
+
+
+def _esd_overlay(results, pdf, png) -> None:
+    """The ESDs of every curvature with a density, overlaid (lambda_1 dashed where known)."""
+    items, labels = [], []
+    for name, entries in results.items():
+        if "density" in entries:
+            density, grids = density_generate(entries["density"]["nodes"],
+                                              entries["density"]["weights"])
+            top = (entries.get("eigenvalue") or {}).get("eigenvalues") or [None]
+            items.append((density, grids, top[0]))
+            labels.append(name)
+    plot_esd_overlay(items, labels, pdf, png)
+
+
+def side_by_side(record) -> list[str]:
+    """Lines comparing the curvatures of a results.json of several: per curvature the top and
+    bottom eigenvalues, the trace ± its standard error, the density's negative mass, products
+    and seconds (of what ran; "-" where an analysis did not)."""
+    rows = [("curvature", "top eigenvalues", "bottom", "trace ± s.e.", "negative mass",
+             "products", "seconds")]
+    for name in record["curvatures"]:
+        r, costs = record["results"][name], record["costs"][name].values()
+        top = _values(r["eigenvalue"]["eigenvalues"]) if "eigenvalue" in r else "-"
+        bottom = _values(r["bottom"]["eigenvalues"]) if "bottom" in r else "-"
+        trace = "-"
+        if "trace" in r:
+            t, se = r["trace"]["trace"], r["trace"]["stderr"]
+            trace = f"{t:.6g} ± {se:.3g}" if se is not None and math.isfinite(se) else \
+                f"{t:.6g}"
+        mass = "-"
+        if "spectral_mass" in r.get("density", {}):
+            mass = f"{100 * r['density']['spectral_mass']['negative']:.2f}%"
+        rows.append((name, top, bottom, trace, mass,
+                     str(sum(c["num_matvecs"] for c in costs)),
+                     f"{sum(c['seconds'] for c in costs):.1f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["***Side by side (the same samples; each analysis draws the same random vectors "
+             "for every curvature; negative mass: the density's weight below -delta):"]
+    for row in rows:
+        lines.append("    " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    return lines
+
+
+def _values(values, digits: int = 5) -> str:
+    return "[" + ", ".join(f"{v:.{digits}g}" for v in values) + "]"
 
 
 def _guarded(out, what, fn):

@@ -12,6 +12,7 @@ from density_plot import (
     density_generate,
     get_esd_plot,
     load_run,
+    load_runs,
     main,
     run_labels,
 )
@@ -430,3 +431,83 @@ def test_script_exit_status_and_import_without_side_effects(tmp_path):
                            env=env, capture_output=True, text=True, timeout=120)
     assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", "")
     assert os.listdir(tmp_path) == []
+
+
+def curvatures_record(names=("hessian", "ggn")):
+    """A results.json of several curvatures: ``results``, ``costs`` and ``operator`` map each
+    curvature to what one curvature's run holds."""
+    runs = {"hessian": record(eig=[176.6507, 95.12], bounds=[8.3e-11, 1.3e-4], trace=453.866,
+                              stderr=9.04, products=144),
+            "ggn": record(eig=[170.25, 90.5], bounds=[1e-9, 1e-4], trace=440.5, stderr=8.5,
+                          products=120),
+            "ef": record(eig=[300.0], bounds=[1e-9], trace=600.0, stderr=10.0, products=30)}
+    rec = dict(runs["hessian"])
+    rec["curvatures"] = list(names)
+    for key in ("results", "operator", "costs"):
+        rec[key] = {n: runs[n][key] for n in names}
+    return rec
+
+
+def test_a_file_of_several_curvatures_gives_one_run_each_labelled_by_curvature(tmp_path,
+                                                                               capsys):
+    multi = write_run(tmp_path, "both", curvatures_record())
+    one = write_run(tmp_path, "ef", {**record(eig=[300.0], bounds=[1e-9], trace=600.0,
+                                              stderr=10.0), "curvatures": ["ef"]})
+    runs = load_runs(multi)
+    assert [r.curvature for r in runs] == ["hessian", "ggn"]
+    assert [r.products for r in runs] == [144, 120]
+    assert load_run(one).curvature == "ef"
+    with pytest.raises(Exception, match="holds 2 curvatures"):
+        load_run(multi)
+    assert main(["--compare", multi, one, "-o", str(tmp_path / "c.pdf")]) == 0
+    text = capsys.readouterr().out
+    assert "176.651" in table_row(text, "ResNet20 BN (hessian)")
+    assert "170.25" in table_row(text, "ResNet20 BN (ggn)")
+    assert "600 ± 10" in table_row(text, "ResNet20 BN (ef)")
+    # runs of the Hessian alone keep their labels (no curvature added)
+    assert run_labels([load_run(write_run(tmp_path, "h", record(eig=[1.0])))]) == \
+        ["ResNet20 BN"]
+
+
+def test_redrawing_a_file_of_several_curvatures_overlays_their_esds(tmp_path, capsys, drawn):
+    multi = write_run(tmp_path, "both", curvatures_record())
+    out = str(tmp_path / "esd.pdf")
+    assert main([multi, "-o", out]) == 0
+    assert os.path.getsize(out) > 0 and magic(out[:-4] + ".png", 8) == PNG
+    runs = load_runs(multi)
+    fig = figures.esd_overlay_figure([r.items["density"] for r in runs], ["hessian", "ggn"])
+    drawn(fig)
+    (ax,) = fig.axes
+    curves = [ln for ln in ax.get_lines() if ln.get_linestyle() == "-"]
+    assert [ln.get_label() for ln in curves] == ["hessian", "ggn"]
+    assert [ln.get_xdata()[0] for ln in ax.get_lines() if ln.get_linestyle() == "--"] == \
+        [176.6507, 170.25]
+    assert ax.get_yscale() == "log"
+    bad = {**curvatures_record(), "results": {"hessian": {}, "ggn": [1, 2]}}
+    assert main(["--compare", write_run(tmp_path, "bad", bad), "-o",
+                 str(tmp_path / "b.pdf")]) == 2
+    assert "malformed" in capsys.readouterr().err
+
+
+def test_side_by_side_lines_and_tagged_files():
+    from analyses import REGISTRY
+    from support.outputs import tagged_name
+    from support.report import output_files, side_by_side
+
+    rec = curvatures_record(("hessian", "ggn", "ef"))
+    for name in rec["curvatures"]:
+        rec["costs"][name] = {"eigenvalue": {"num_matvecs": 8, "seconds": 1.5},
+                              "trace": {"num_matvecs": 20, "seconds": 2.0}}
+    rec["results"]["ggn"]["density"]["spectral_mass"] = {"negative": 0.0}
+    rec["results"]["hessian"]["density"]["spectral_mass"] = {"negative": 0.0125}
+    lines = side_by_side(rec)
+    assert lines[1].split()[:3] == ["curvature", "top", "eigenvalues"]
+    assert "[176.65, 95.12]" in lines[2] and "453.866 ± 9.04" in lines[2]
+    assert lines[2].split()[-3] == "1.25%" and lines[3].split()[-3] == "0.00%"
+    assert lines[3].split()[0] == "ggn" and "440.5 ± 8.5" in lines[3]
+    assert lines[4].split()[-2:] == ["28", "3.5"]  # products and seconds of what ran
+    assert tagged_name("per_layer.png", "ggn") == "per_layer.ggn.png"
+    files = output_files(REGISTRY, ("hessian", "ggn"))
+    assert files[:9] == output_files(REGISTRY)
+    assert "example.ggn.pdf" in files and "convergence.hessian.png" in files
+    assert "results.hessian.json" not in files

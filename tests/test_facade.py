@@ -14,7 +14,7 @@ from pyhessian_dist.utils import (
     normalization,
     orthnormal,
 )
-from tiny import SIZES, dense_hessian, make, split_uneven
+from tiny import SIZES, dense_empirical_fisher, dense_ggn, dense_hessian, make, split_uneven
 
 CE = nn.CrossEntropyLoss()
 F64 = torch.float64
@@ -198,3 +198,27 @@ def test_a_torch_dataloader_with_extra_fields_works_as_before():
     v = [torch.randn_like(p) for p in h.params]
     _vHv, THv = h.dataloader_hv_product(v)
     torch.testing.assert_close(flat(THv), H @ flat(v), rtol=1e-6, atol=1e-10)
+
+
+@pytest.mark.parametrize("curvature, dense", [("ggn", dense_ggn), ("ef", dense_empirical_fisher)])
+def test_curvature_keyword_analyses_the_ggn_or_the_empirical_fisher(curvature, dense):
+    """Every method on G or F: eigenvalues, trace, density, the product and the gradient."""
+    model, x, y = make("cnn")
+    M = dense(model, CE, x, y)
+    h = hessian(model, CE, dataloader=split_uneven(x, y, SIZES), cuda=False, seed=3,
+                curvature=curvature)
+    assert h.curvature == curvature and type(h.operator).__name__ != "HessianOperator"
+    exact = torch.linalg.eigvalsh((M + M.T) / 2)
+    vals, _ = h.eigenvalues(top_n=2, method="lanczos", tol=1e-10)
+    assert vals == pytest.approx(exact.flip(0)[:2].tolist(), rel=1e-8)
+    h.trace(maxIter=200, tol=0.0)
+    assert abs(h.last_result.trace - M.trace().item()) <= 4 * h.last_result.stderr
+    nodes, _ = h.density(iter=120)
+    assert max(nodes[0]) == pytest.approx(exact[-1].item(), rel=1e-8)
+    v = [torch.randn_like(p) for p in h.params]
+    _vMv, Mv = h.dataloader_hv_product(v)
+    torch.testing.assert_close(flat(Mv), M @ flat(v), rtol=1e-10, atol=1e-12)
+    grads = torch.autograd.grad(CE(model(x), y), list(model.parameters()))
+    torch.testing.assert_close(flat(h.gradsH), flat(grads))
+    with pytest.raises(ValueError, match="unknown curvature 'fisher'"):
+        hessian(model, CE, data=(x, y), cuda=False, curvature="fisher")

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from pyhessian_dist import HessianOperator, ModelOperator
-from tiny import SIZES, dense_hessian, make, split_uneven
+from tiny import SIZES, dense_hessian, least_squares, make, split_uneven
 
 CE = nn.CrossEntropyLoss()
 
@@ -66,15 +66,9 @@ def test_closed_form_softmax_regression():
 
 def test_linear_least_squares_closed_form():
     """MSE of a linear model: H = (2 / (N * out)) X^T X per output row (kron identity)."""
-    torch.manual_seed(1)
-    N, d = 11, 3
-    x = torch.randn(N, d, dtype=torch.float64)
-    y = torch.randn(N, 1, dtype=torch.float64)
-    model = nn.Linear(d, 1).double()
-    X1 = torch.cat([x, torch.ones(N, 1, dtype=torch.float64)], dim=1)  # weight then bias
-    H = 2.0 / N * X1.T @ X1
+    model, x, y, H = least_squares()
     op = HessianOperator(model, nn.MSELoss(), split_uneven(x, y, [4, 7]))
-    torch.testing.assert_close(op.matvec(torch.eye(d + 1, dtype=torch.float64)), H)
+    torch.testing.assert_close(op.matvec(torch.eye(len(H), dtype=torch.float64)), H)
 
 
 class WithExtras(nn.Module):

@@ -186,6 +186,7 @@ BAD_VALUES = [
     (["--clip-grad-norm", "inf"], "--clip-grad-norm: must be a non-negative number"),
     (["--hessian-every", "-2"], "--hessian-every: must be a non-negative integer"),
     (["--image-size", "0"], "--image-size: must be a positive integer"),
+    (["--curvature", "gnn"], "--curvature: unknown curvature 'gnn'"),
 ]
 
 
@@ -554,6 +555,7 @@ def test_resume_from_a_best_checkpoint_points_at_the_last(tmp_path, capsys):
     (["--model", "resnet18"], "must be module.path:callable"),
     (["--image-size", "64"], "--image-size applies to --dataset imagefolder only"),
     (["--hessian-trace"], "--hessian-trace needs --hessian-every N"),
+    (["--curvature", "ggn"], "--curvature needs --hessian-every N"),
     (["--hessian-every", "1", "--hessian-samples", "50"], "--hessian-mini-batch 100 is larger"),
     (["--hessian-every", "1", "--hessian-samples", "999999"],
      "--hessian-samples 999999 exceeds the 2000 samples"),
@@ -604,3 +606,27 @@ def test_torchvision_model_end_to_end(tmp_path, capsys):
                         "resnet18")
     same, _ = utils.load_checkpoint(tmp_path / "net.pkl", model_spec="torchvision.models:resnet18")
     assert_same_tensors(model.state_dict(), same.state_dict(), "model_spec given")
+
+
+@pytest.mark.slow
+def test_curvature_during_training_of_several_curvatures(tmp_path, capsys, small_synthetic):
+    """--hessian-every with --curvature hessian,ggn: one record per curvature and check, each
+    line naming its curvature; training itself is unchanged by the checks."""
+    import json
+
+    common = FAST + ["--batch-size", "256", "--epochs", "1"]
+    assert training.main(common + ["--saving-folder", str(tmp_path / "plain")]) == 0
+    assert training.main(common + ["--saving-folder", str(tmp_path / "curv"), "--hessian-every",
+                                   "1", "--hessian-samples", "64", "--hessian-mini-batch", "32",
+                                   "--curvature", "hessian,ggn", "--hessian-trace"]) == 0
+    out = capsys.readouterr().out
+    assert "curvature: lambda_1 and the trace of the hessian, ggn after every 1 epoch" in out
+    assert "curvature after epoch 1 (step 8): lambda_1" in out
+    assert "curvature after epoch 1 (step 8, ggn): lambda_1" in out and "GGN-vector products" in out
+    doc = json.loads((tmp_path / "curv" / "net.curvature.json").read_text())
+    assert [c["curvature"] for c in doc["checks"]] == ["hessian", "ggn"]
+    assert doc["settings"]["curvatures"] == ["hessian", "ggn"]
+    assert all(c["lambda_1"] > 0 and c["trace"] > 0 for c in doc["checks"])
+    assert (tmp_path / "curv" / "net.curvature.png").read_bytes()[:4] == b"\x89PNG"
+    assert_same_tensors(load_raw(tmp_path / "plain" / "net.pkl")["state_dict"],
+                        load_raw(tmp_path / "curv" / "net.pkl")["state_dict"], "weights")

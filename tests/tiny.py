@@ -66,11 +66,7 @@ def dense_hessian(model, criterion, x, y):
     """Exact Hessian of the mean loss on (x, y) w.r.t. the flattened trainable parameters."""
     from torch.func import functional_call, hessian
 
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    shapes = [p.shape for n, p in model.named_parameters() if p.requires_grad]
-    numels = [s.numel() for s in shapes]
-    theta = torch.cat([p.detach().reshape(-1) for n, p in model.named_parameters()
-                       if p.requires_grad])
+    names, shapes, numels, theta = _flat_params(model)
     model.eval()
 
     def loss(flat):
@@ -78,6 +74,56 @@ def dense_hessian(model, criterion, x, y):
         return criterion(functional_call(model, ps, (x,), strict=False), y)
 
     return hessian(loss)(theta)
+
+
+def least_squares(N=11, d=3, seed=1):
+    """A linear model with one output and its data: (model, x, y, the closed-form Hessian of
+    the mean squared error (2 / N) X^T X, X with a column of ones for the bias)."""
+    torch.manual_seed(seed)
+    x = torch.randn(N, d, dtype=torch.float64)
+    y = torch.randn(N, 1, dtype=torch.float64)
+    model = nn.Linear(d, 1).double()
+    X1 = torch.cat([x, torch.ones(N, 1, dtype=torch.float64)], dim=1)  # weight then bias
+    return model, x, y, 2.0 / N * X1.T @ X1
+
+
+def _flat_params(model):
+    """(names, shapes, numels, theta) of the trainable parameters."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    shapes = [p.shape for _n, p in named]
+    theta = torch.cat([p.detach().reshape(-1) for _n, p in named])
+    return [n for n, _p in named], shapes, [s.numel() for s in shapes], theta
+
+
+def dense_ggn(model, loss_fn, x, y):
+    """Exact GGN J^T H_L J of the mean loss on (x, y): J = torch.func.jacrev of the flattened
+    outputs with respect to the flattened parameters, H_L = torch.func.hessian of the loss with
+    respect to the outputs."""
+    from torch.func import functional_call, hessian, jacrev
+
+    names, shapes, numels, theta = _flat_params(model)
+    model.eval()
+
+    def outputs(flat):
+        ps = {n: t.view(s) for n, t, s in zip(names, torch.split(flat, numels), shapes)}
+        return functional_call(model, ps, (x,), strict=False)
+
+    z = outputs(theta).detach()
+    J = jacrev(lambda flat: outputs(flat).reshape(-1))(theta)
+    H_L = hessian(lambda flat_z: loss_fn(flat_z.view(z.shape), y))(z.reshape(-1))
+    return J.T @ H_L @ J
+
+
+def dense_empirical_fisher(model, loss_fn, x, y):
+    """(1/N) sum_i g_i g_i^T from one plain autograd backward pass per sample."""
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(len(y)):
+        g = torch.autograd.grad(loss_fn(model(x[i:i + 1]), y[i:i + 1]), params)
+        rows.append(torch.cat([t.reshape(-1) for t in g]))
+    G = torch.stack(rows)
+    return G.T @ G / len(y)
 
 
 def analysis_args(*flags, **values):

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .model import ModelOperator
+from .model import ModelOperator, kept_phrase
 
 __all__ = ["HVP_MODES", "HessianOperator"]
 
@@ -43,6 +43,21 @@ class _SavedBytes:
 
     def hooks(self):
         return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+
+def _measure_graphs(op, build):
+    """``build()`` (the first mini-batch's graphs) under saved-tensor hooks: sets
+    ``op.graph_bytes_estimate`` (its bytes times the mini-batches) and ``op._keep`` (how many
+    graphs to keep: all, or as many as fit ``op.memory_budget_bytes``, as
+    ``op._reuse_request`` says); returns what ``build`` returns."""
+    counter = _SavedBytes()
+    with counter.hooks():
+        out = build()
+    per_batch = max(counter.bytes, 1)
+    n = len(op.batches)
+    op.graph_bytes_estimate = per_batch * n
+    op._keep = n if op._reuse_request is True else min(n, op.memory_budget_bytes // per_batch)
+    return out
 
 
 class _Forward(nn.Module):
@@ -79,6 +94,8 @@ class HessianOperator(ModelOperator):
     graphs) is in ``stats()`` and ``describe_memory()``.
     """
 
+    product_label = "HVP"
+
     def __init__(self, model: nn.Module, criterion: Callable | None = None,
                  batches: Iterable = (), *, forward: Callable | None = None,
                  loss: Callable | None = None, device: torch.device | str | None = None,
@@ -107,15 +124,11 @@ class HessianOperator(ModelOperator):
         """As ``ModelOperator``'s, keeping the first-order graphs of as many mini-batches as
         ``reuse_graph`` allows (their size measured on the first one)."""
         if self._keep is None:  # first mini-batch: measure what a graph holds
-            counter = _SavedBytes()
-            with counter.hooks():
+            def build():
                 loss = self._weighted_loss(b)
-                g = self._grad(loss, create_graph=True)
-            per_batch = max(counter.bytes, 1)
-            n = len(self.batches)
-            self.graph_bytes_estimate = per_batch * n
-            self._keep = n if self._reuse_request is True else min(
-                n, self.memory_budget_bytes // per_batch)
+                return loss, self._grad(loss, create_graph=True)
+
+            loss, g = _measure_graphs(self, build)
         else:
             loss = self._weighted_loss(b)
             g = self._grad(loss, create_graph=b < self._keep)
@@ -192,16 +205,17 @@ class HessianOperator(ModelOperator):
         return self._second_backward(g, V, retain=kept)
 
     # ----------------------------------------------------------------- reports
+    def describe_product(self) -> str:
+        """``"HVP: <hvp_mode>"``."""
+        return f"HVP: {self.hvp_mode}"
+
     def _describe_kept(self) -> str:
         """The first-order graphs kept, in words."""
         n = len(self.batches)
         if self.hvp_mode != "double_backward":
             return "no graphs kept (forward-over-reverse)"
-        if not self._graphs:
-            return "first-order graphs recomputed per product"
         per = (self.graph_bytes_estimate or 0) / max(n, 1)
-        return (f"first-order graphs kept for {len(self._graphs)}/{n} mini-batches "
-                f"(~{per * len(self._graphs) / 2**20:.0f} MiB)")
+        return kept_phrase("first-order graphs", len(self._graphs), n, per * len(self._graphs))
 
     def stats(self) -> dict:
         """``ModelOperator.stats()`` with the HVP mode and the graphs kept."""

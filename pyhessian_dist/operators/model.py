@@ -24,6 +24,7 @@ Dropout is off in eval mode too.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -41,7 +42,8 @@ from ..batches import (
 from ..distributed import CommTimer, all_reduce_
 from .base import LinearOperator
 
-__all__ = ["ModelOperator", "available_memory_bytes"]
+__all__ = ["ModelOperator", "available_memory_bytes", "checking_loss", "kept_phrase",
+           "resolve_loss", "scalar_loss"]
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -58,6 +60,49 @@ def available_memory_bytes(device: torch.device) -> int:
     except OSError:
         pass
     return 4 << 30
+
+
+def scalar_loss(loss) -> torch.Tensor:
+    """``loss`` when it is a 0-dim tensor (the mean loss of a batch), else a ValueError."""
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError("loss(outputs, batch) must return the mean loss over the batch's "
+                         f"samples, a 0-dim tensor; got {shape}")
+    return loss
+
+
+def resolve_loss(criterion: Callable | None, forward: Callable | None,
+                 loss: Callable | None) -> tuple[Callable, Callable]:
+    """``(forward, loss)`` callables from the constructor's arguments: exactly one of
+    ``criterion`` (PyHessian's form) or ``loss``; the default forward when none is given."""
+    if (criterion is None) == (loss is None):
+        raise ValueError("pass exactly one of criterion (the loss is criterion(outputs, "
+                         "batch[1])) or loss=fn(outputs, batch) (the mean loss)")
+    return (forward if forward is not None else default_forward,
+            loss if loss is not None else criterion_loss(criterion))
+
+
+@contextlib.contextmanager
+def checking_loss(model: nn.Module, batch, criterion: Callable | None,
+                  forward: Callable | None, loss: Callable | None):
+    """For a ``check_loss``: yields ``(forward, loss, batch)`` (the callables resolved, the
+    batch on the device of the model's first trainable parameter) with the model in eval mode,
+    its mode restored afterwards."""
+    forward_fn, loss_fn = resolve_loss(criterion, forward, loss)
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    was_training = model.training
+    model.eval()
+    try:
+        yield forward_fn, loss_fn, move_batch(batch, device)
+    finally:
+        model.train(was_training)
+
+
+def kept_phrase(what: str, kept: int, n: int, nbytes: float) -> str:
+    """"<what> kept for k/n mini-batches (~X MiB)", or "<what> recomputed per product"."""
+    if not kept:
+        return f"{what} recomputed per product"
+    return f"{what} kept for {kept}/{n} mini-batches (~{nbytes / 2**20:.0f} MiB)"
 
 
 class ModelOperator(LinearOperator):
@@ -96,24 +141,33 @@ class ModelOperator(LinearOperator):
     before calling ``ModelOperator.__init__``, which runs the pass), ``_describe_kept()`` and
     ``stats()``. Its helpers: ``_batch(b)`` (mini-batch b on the device), ``weights[b]``
     (n_b / N), ``batch_sizes[b]``, ``_weighted_loss(b)`` (w_b L_b), ``_grad(loss,
-    create_graph)`` (flat gradient), ``flatten``, ``params``.
+    create_graph)`` (flat gradient), ``flatten``, ``params``. A subclass names its product
+    (``product_label``, e.g. "HVP"; ``describe_product()``) and may check a loss before any
+    data is loaded (``check_loss``).
     """
+
+    #: what one product is called in reports ("10 HVPs")
+    product_label = "product"
+
+    @classmethod
+    def check_loss(cls, model: nn.Module, batch, *, criterion: Callable | None = None,
+                   forward: Callable | None = None, loss: Callable | None = None) -> None:
+        """Raise ``ValueError`` (a sentence saying what to change) when this curvature cannot
+        be taken of ``loss`` on ``batch`` (a first batch, checked before the data is loaded).
+        Every mean loss has a Hessian: nothing to check here; subclasses check more."""
+        resolve_loss(criterion, forward, loss)
 
     def __init__(self, model: nn.Module, criterion: Callable | None = None,
                  batches: Iterable = (), *, forward: Callable | None = None,
                  loss: Callable | None = None, device: torch.device | str | None = None,
                  data_on_device: bool | str = "auto", memory_budget_bytes: int | None = None,
                  local_processes: int = 1):
-        if (criterion is None) == (loss is None):
-            raise ValueError("pass exactly one of criterion (the loss is criterion(outputs, "
-                             "batch[1])) or loss=fn(outputs, batch) (the mean loss)")
+        self.forward_fn, self.loss_fn = resolve_loss(criterion, forward, loss)
         if data_on_device not in (True, False, "auto"):
             raise ValueError(f"data_on_device must be True, False or 'auto', got "
                              f"{data_on_device!r}")
         self.model = model.eval()
         self.criterion = criterion
-        self.forward_fn = forward if forward is not None else default_forward
-        self.loss_fn = loss if loss is not None else criterion_loss(criterion)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters (all have requires_grad="
@@ -173,12 +227,8 @@ class ModelOperator(LinearOperator):
     def _weighted_loss(self, b: int) -> torch.Tensor:
         """``w_b L_b`` for mini-batch ``b``: its mean loss times n_b / N."""
         batch = self._batch(b)
-        loss = self.loss_fn(self.forward_fn(self.model, batch), batch)
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError("loss(outputs, batch) must return the mean loss over the batch's "
-                             f"samples, a 0-dim tensor; got {shape}")
-        return loss * self.weights[b]
+        return scalar_loss(self.loss_fn(self.forward_fn(self.model, batch), batch)) \
+            * self.weights[b]
 
     # ------------------------------------------------------------------ vectors
     def flatten(self, tensors: Sequence[torch.Tensor], batched: bool = False) -> torch.Tensor:
@@ -272,10 +322,18 @@ class ModelOperator(LinearOperator):
         self.compute_seconds += time.perf_counter() - t0
         return out
 
+    def release(self) -> None:
+        """Drop what a subclass keeps for its products (graphs, gradients): later products
+        recompute it. Nothing here."""
+
     # ----------------------------------------------------------------- reports
     def _describe_kept(self) -> str | None:
         """What a subclass keeps resident besides the data, in words (None: nothing)."""
         return None
+
+    def describe_product(self) -> str:
+        """One phrase: how a product is computed."""
+        return f"{self.product_label}: {type(self).__name__}"
 
     def describe_memory(self) -> str:
         """One line: where the data lives (and what a subclass keeps, e.g. graphs)."""
