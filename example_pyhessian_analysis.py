@@ -75,14 +75,20 @@ def parse_args(argv=None):
                    help="TCP port of rank 0 for spawned workers; 0 picks a free one")
     p.add_argument("--backend", choices=("auto", "nccl", "gloo"), default="auto",
                    help="process-group backend (auto: nccl on CUDA, gloo on CPU)")
-    p.add_argument("--dataset", choices=utils.DATASETS, default=None,
+    p.add_argument("--dataset", choices=utils.DATASET_CHOICES, default=None,
                    help="data set (default: the checkpoint's; cifar10 for original checkpoints)")
-    p.add_argument("--data-dir", default="data", help="where the data set lives / downloads to")
+    p.add_argument("--data-dir", default=None,
+                   help="where the data set lives / downloads to (default: data); a GPT's text "
+                        "file (default: the one the checkpoint was trained on)")
+    p.add_argument("--block-size", type=utils.positive_int, default=None,
+                   help="GPT: tokens per sample, at most the model's context (default: the "
+                        "checkpoint's)")
     p.add_argument("--image-size", type=utils.positive_int, default=None,
                    help="imagefolder: resize images to N x N (default: the checkpoint's, 32)")
     p.add_argument("--model", default=None, metavar="MODULE:CALLABLE",
                    help="your model: a callable returning an nn.Module, e.g. "
-                        "torchvision.models:resnet18 (default: the checkpoint's model)")
+                        "torchvision.models:resnet18, or gpt (the built-in language model) "
+                        "(default: the checkpoint's model)")
     p.add_argument("--problem", default=None, metavar="FILE.py",
                    help="your own problem: a file defining model() and dataset(split), and "
                         "optionally forward(model, batch) and loss(outputs, batch); without "
