@@ -185,8 +185,11 @@ class TextProblem(Problem):
 
     def describe(self):
         a = self.arch
-        return (f"GPT ({a['n_layer']} layers, {a['n_head']} heads, width {a['n_embd']}, "
-                f"context {a['block_size']}, vocabulary {a['vocab_size']})")
+        def count(n, what):
+            return f"{n} {what}{'s' if n != 1 else ''}"
+
+        return (f"GPT ({count(a['n_layer'], 'layer')}, {count(a['n_head'], 'head')}, width "
+                f"{a['n_embd']}, context {a['block_size']}, vocabulary {a['vocab_size']})")
 
     def record(self):
         return text_record(self.arch, self.block_size, self.path, self.sha256, len(self.data))
