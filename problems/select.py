@@ -47,7 +47,8 @@ BUILTIN_FLAGS = {"dataset": "--dataset", "model": "--model", **RESNET_FLAGS, **G
 def _refuse_builtin_flags(args, given, why):
     for dest, flag in BUILTIN_FLAGS.items():
         if dest in given:
-            raise UserError(f"{flag} describes a built-in problem; {why}, so drop it")
+            what = "the built-in GPT" if dest in GPT_FLAGS else "the built-in image problem"
+            raise UserError(f"{flag} describes {what}; {why}, so drop it")
 
 
 def _refuse(given, flags, why):

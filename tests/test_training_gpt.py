@@ -68,7 +68,8 @@ def test_adamw_decays_matrices_and_embeddings_only():
 
 
 def test_the_gpt_recipe_and_its_line(text):
-    args = training.parse_args(TINY + ["--data-dir", text, "--epochs", "3"])
+    args = training.parse_args(TINY + ["--data-dir", text, "--epochs", "3", "--saving-folder",
+                                       os.path.join(os.path.dirname(text), "ck")])
     plan = training.validate(args)
     assert (args.optimizer, args.lr_schedule, args.lr, args.weight_decay) == (
         "adamw", "cosine", 3e-3, 0.1)
