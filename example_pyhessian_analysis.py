@@ -75,6 +75,27 @@ def parse_args(argv=None):
                    help="TCP port of rank 0 for spawned workers; 0 picks a free one")
     p.add_argument("--backend", choices=("auto", "nccl", "gloo"), default="auto",
                    help="process-group backend (auto: nccl on CUDA, gloo on CPU)")
+    _add_problem_flags(p)
+    p.add_argument("--output-dir", default=".", help="where results.json and the figures go")
+    p.add_argument("--reuse-graph", choices=("auto", "on", "off"), default="auto",
+                   help="keep first-order graphs across products (auto: as many as fit)")
+    p.add_argument("--hvp-mode", choices=pyhessian_dist.HVP_MODES, default="double_backward",
+                   help="how a Hessian-vector product is computed")
+    utils.add_bool_flag(p, "tf32", False, "allow TF32 on GPUs (faster, ~1e-3 relative error)")
+    args = p.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        p.error(f"--port must be between 0 and 65535, got {args.port}")
+    if args.mini_hessian_batch_size > args.hessian_batch_size:
+        p.error(f"--mini-hessian-batch-size {args.mini_hessian_batch_size} is larger than "
+                f"--hessian-batch-size {args.hessian_batch_size}; make it at most that")
+    if not any(a.requested(args) for a in REGISTRY):
+        p.error("nothing to compute: pass at least one of "
+                + ", ".join(a.flag for a in REGISTRY))
+    return args
+
+
+def _add_problem_flags(p):
+    """The flags that say what is analysed: the data set, the model, a problem file."""
     p.add_argument("--dataset", choices=utils.DATASET_CHOICES, default=None,
                    help="data set (default: the checkpoint's; cifar10 for original checkpoints)")
     p.add_argument("--data-dir", default=None,
@@ -94,22 +115,6 @@ def parse_args(argv=None):
                         "optionally forward(model, batch) and loss(outputs, batch); without "
                         "--resume the model is analysed as model() builds it (default: the "
                         "checkpoint's problem)")
-    p.add_argument("--output-dir", default=".", help="where results.json and the figures go")
-    p.add_argument("--reuse-graph", choices=("auto", "on", "off"), default="auto",
-                   help="keep first-order graphs across products (auto: as many as fit)")
-    p.add_argument("--hvp-mode", choices=pyhessian_dist.HVP_MODES, default="double_backward",
-                   help="how a Hessian-vector product is computed")
-    utils.add_bool_flag(p, "tf32", False, "allow TF32 on GPUs (faster, ~1e-3 relative error)")
-    args = p.parse_args(argv)
-    if not 0 <= args.port <= 65535:
-        p.error(f"--port must be between 0 and 65535, got {args.port}")
-    if args.mini_hessian_batch_size > args.hessian_batch_size:
-        p.error(f"--mini-hessian-batch-size {args.mini_hessian_batch_size} is larger than "
-                f"--hessian-batch-size {args.hessian_batch_size}; make it at most that")
-    if not any(a.requested(args) for a in REGISTRY):
-        p.error("nothing to compute: pass at least one of "
-                + ", ".join(a.flag for a in REGISTRY))
-    return args
 
 
 # ---------------------------------------------------------------------------- validate once

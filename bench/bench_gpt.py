@@ -52,7 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--text", default=os.path.join("data", "generated.txt"),
                    help="attention: the text (written by problems.write_text when missing)")
     p.add_argument("--attention-samples", type=int, default=32,
-                   help="attention: blocks of 64 tokens per pass")
+                   help="attention: blocks of --block-size tokens per pass")
+    p.add_argument("--size", type=int, nargs=4, default=None,
+                   metavar=("N_LAYER", "N_HEAD", "N_EMBD", "BLOCK_SIZE"),
+                   help="attention: the GPT's size (default: the default GPT, 2 4 64 64)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--resnet", default=os.path.join("checkpoints", "net.pkl"))
     p.add_argument("--gpt", default=os.path.join("checkpoints", "gpt", "net.pkl"))
@@ -72,7 +75,7 @@ def attention_section(args) -> dict:
 
     if not os.path.isfile(args.text):
         write_generated_text(args.text, 100_000)
-    problem = TextProblem(args.text, gpt_arch())
+    problem = TextProblem(args.text, gpt_arch(*(args.size or ())))
     torch.manual_seed(1)
     model = problem.model().eval()
     data = problem.dataset("train")
@@ -109,7 +112,8 @@ def attention_section(args) -> dict:
         "hvp_kept_graph_math": lambda: kept.matvec(v),
         "hvp_recomputed_math": lambda: recomputed.matvec(v)}, args.repeats)
     med = {k: t["median_s"] for k, t in times.items()}
-    return {"samples": args.attention_samples, "tokens_per_pass": args.attention_samples * 64,
+    return {"arch": problem.arch, "samples": args.attention_samples,
+            "tokens_per_pass": args.attention_samples * problem.block_size,
             "default_kernel": kept.attention["default_kernel"], "times": times,
             "ratios": {"train_step_math_over_default": med["train_step_math"]
                        / med["train_step_default"],
@@ -213,9 +217,11 @@ def main(argv=None) -> int:
     os.chdir(ROOT)
     if "attention" in wanted:
         say("attention: default kernel vs math, products")
-        record["sections"]["attention"] = attention_section(args)
+        result = attention_section(args)
+        key = "attention" if args.size is None else "attention_" + "_".join(map(str, args.size))
+        record["sections"][key] = result
         save()
-        say(json.dumps(record["sections"]["attention"]["ratios"], indent=1))
+        say(json.dumps(result["ratios"], indent=1))
     if "blocks" in wanted:
         runs = blocks_section(args, record, save)["runs"]
         print(table(runs))
