@@ -102,19 +102,7 @@ def add_shared_options(p):
                    help="TCP port of rank 0 for spawned workers; 0 picks a free one")
     p.add_argument("--backend", choices=("auto", "nccl", "gloo"), default="auto",
                    help="process-group backend (auto: nccl on CUDA, gloo on CPU)")
-    p.add_argument("--dataset", choices=utils.DATASETS, default=None,
-                   help="data set (default: the checkpoint's; cifar10 for original checkpoints)")
-    p.add_argument("--data-dir", default="data", help="where the data set lives / downloads to")
-    p.add_argument("--image-size", type=utils.positive_int, default=None,
-                   help="imagefolder: resize images to N x N (default: the checkpoint's, 32)")
-    p.add_argument("--model", default=None, metavar="MODULE:CALLABLE",
-                   help="your model: a callable returning an nn.Module, e.g. "
-                        "torchvision.models:resnet18 (default: the checkpoint's model)")
-    p.add_argument("--problem", default=None, metavar="FILE.py",
-                   help="your own problem: a file defining model() and dataset(split), and "
-                        "optionally forward(model, batch) and loss(outputs, batch); without "
-                        "--resume the model is analysed as model() builds it (default: the "
-                        "checkpoint's problem)")
+    _add_problem_flags(p)
     p.add_argument("--output-dir", default=".", help="where results.json and the figures go")
     p.add_argument("--keep-partial-outputs", action="store_true",
                    help="when a figure or file cannot be written (a full disk, a figure that "
@@ -133,6 +121,29 @@ def add_shared_options(p):
     p.add_argument("--hvp-mode", choices=pyhessian_dist.HVP_MODES, default="double_backward",
                    help="how a Hessian-vector product is computed")
     utils.add_bool_flag(p, "tf32", False, "allow TF32 on GPUs (faster, ~1e-3 relative error)")
+
+
+def _add_problem_flags(p):
+    """The flags that say what is analysed: the data set, the model, a problem file."""
+    p.add_argument("--dataset", choices=utils.DATASET_CHOICES, default=None,
+                   help="data set (default: the checkpoint's; cifar10 for original checkpoints)")
+    p.add_argument("--data-dir", default=None,
+                   help="where the data set lives / downloads to (default: data); a GPT's text "
+                        "file (default: the one the checkpoint was trained on)")
+    p.add_argument("--block-size", type=utils.positive_int, default=None,
+                   help="GPT: tokens per sample, at most the model's context (default: the "
+                        "checkpoint's)")
+    p.add_argument("--image-size", type=utils.positive_int, default=None,
+                   help="imagefolder: resize images to N x N (default: the checkpoint's, 32)")
+    p.add_argument("--model", default=None, metavar="MODULE:CALLABLE",
+                   help="your model: a callable returning an nn.Module, e.g. "
+                        "torchvision.models:resnet18, or gpt (the built-in language model) "
+                        "(default: the checkpoint's model)")
+    p.add_argument("--problem", default=None, metavar="FILE.py",
+                   help="your own problem: a file defining model() and dataset(split), and "
+                        "optionally forward(model, batch) and loss(outputs, batch); without "
+                        "--resume the model is analysed as model() builds it (default: the "
+                        "checkpoint's problem)")
 
 
 # ---------------------------------------------------------------------------- validate once

@@ -1,6 +1,7 @@
-"""Train a CIFAR ResNet (or your own problem) with SGD and save self-describing checkpoints.
+"""Train a CIFAR ResNet, a small GPT (or your own problem) and save self-describing checkpoints.
 
     python training.py --dataset synthetic --epochs 3 --no-cuda
+    python training.py --model gpt --dataset text --data-dir data/generated.txt --no-cuda
     python training.py --problem my_problem.py --epochs 20           # your model, data, loss
     python training.py --device_count 4                              # 4 DDP workers
     torchrun --nproc_per_node 4 training.py --dataset cifar10        # the same under torchrun
@@ -14,10 +15,11 @@ optimiser and its learning-rate schedule (restored with --resume), then per epoc
 evaluate, rank 0 saves, optionally measure the curvature. What is trained is a problem
 (problems/): the built-in image classifier of the flags, or your own file (--problem).
 
-The recipe is the original PyHessian's (SGD momentum 0.9, lr 0.1, x0.1 after epochs 80 and 120,
-weight decay 5e-4, batch 128). Without BatchNorm it adds a linear learning-rate warm-up and
-gradient-norm clipping by default (the original diverges there). Files in --saving-folder, named
-after --checkpoint-name (net.pkl):
+The image recipe is the original PyHessian's (SGD momentum 0.9, lr 0.1, x0.1 after epochs 80
+and 120, weight decay 5e-4, batch 128). Without BatchNorm it adds a linear learning-rate warm-up
+and gradient-norm clipping by default (the original diverges there). The GPT's recipe (its
+problem's recipe()) is AdamW with a linear warm-up, then a cosine decay (--optimizer adamw
+--lr-schedule cosine). Files in --saving-folder, named after --checkpoint-name (net.pkl):
 
     net.pkl                    the last epoch, with the training state (--resume continues it)
     net.best.pkl               the epoch with the best test accuracy so far
@@ -38,6 +40,7 @@ if __name__ == "__main__":  # a cancel while importing: one line, not a tracebac
 
 import argparse
 import bisect
+import hashlib
 import math
 import random
 import sys
@@ -48,7 +51,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.gpt import GPT_DEFAULTS
 from problems import (
+    DATASET_CHOICES,
+    GPT_MODEL,
     ImageProblem,
     check_curvatures,
     check_problem,
@@ -79,7 +85,7 @@ from support.cli import (
     seed,
 )
 from support.curvature import CurvatureTracker, check_line, curvature_paths, load_curvature
-from support.datasets import DATASETS, hessian_subset
+from support.datasets import hessian_subset
 from support.errors import CheckpointError, UserError
 from support.files import make_writable_folder, removed_if_left_empty, write_error
 from support.launch import agree, check_cpu_workers, launch, run_main
@@ -92,7 +98,12 @@ NO_BN_CLIP_GRAD_NORM = 1.0
 # --resume keeps these as the checkpoint's run had them (given ones must agree)...
 RECIPE_FLAGS = ("batch_size", "lr", "lr_decay", "lr_decay_epoch", "seed", "weight_decay",
                 "batch_norm", "residual", "depth", "dataset", "model", "image_size",
-                "warmup_epochs", "clip_grad_norm", "problem")
+                "warmup_epochs", "clip_grad_norm", "problem", "optimizer", "betas",
+                "lr_schedule", "min_lr_factor", "cosine_epochs", "n_layer", "n_head", "n_embd",
+                "block_size")
+# What an optimizer / schedule flag not given and not set by a recipe means.
+DEFAULT_BETAS = [0.9, 0.95]
+DEFAULT_MIN_LR_FACTOR = 0.1
 # ...and takes every other flag not given from it too, except these (this machine, this call).
 LOCAL_FLAGS = ("cuda", "device_count", "ip", "port", "backend", "num_workers", "resume",
                "overwrite", "saving_folder", "checkpoint_name", "given")
@@ -100,8 +111,8 @@ LOCAL_FLAGS = ("cuda", "device_count", "ip", "port", "backend", "num_workers", "
 
 # ---------------------------------------------------------------------------- command line
 def build_parser():
-    p = ArgumentParser(description="Train a CIFAR ResNet (depth 6n+2), your own model or your "
-                       "own problem with SGD and save checkpoints for "
+    p = ArgumentParser(description="Train a CIFAR ResNet (depth 6n+2), a small GPT on a text "
+                       "file, your own model or your own problem, and save checkpoints for "
                        "example_pyhessian_analysis.py.",
                        formatter_class=HelpFormatter)
     # the original's flags and defaults
@@ -112,22 +123,60 @@ def build_parser():
                    help="batch size for evaluating the test set")
     p.add_argument("--epochs", type=positive_int, default=180,
                    help="train until this epoch (with --resume: a larger number trains on)")
-    p.add_argument("--lr", type=positive_float, default=0.1, help="initial SGD learning rate")
+    p.add_argument("--lr", type=positive_float, default=0.1,
+                   help="initial learning rate (the GPT's recipe: 0.003)")
     p.add_argument("--lr-decay", type=positive_float, default=0.1,
                    help="factor the learning rate is multiplied by at each --lr-decay-epoch")
     p.add_argument("--lr-decay-epoch", type=positive_int, nargs="+", default=[80, 120],
                    help="epochs after which the learning rate decays")
     p.add_argument("--seed", type=seed, default=1,
                    help="random seed (initialisation, shuffling, augmentation, Hessian subset)")
-    p.add_argument("--weight-decay", type=nonnegative_float, default=5e-4, help="SGD weight decay")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=5e-4,
+                   help="weight decay (SGD: L2 on every parameter; AdamW: decoupled, on the "
+                        "weight matrices and embeddings only; the GPT's recipe: 0.1)")
     add_bool_flag(p, "batch-norm", True, "use batch normalisation")
     add_bool_flag(p, "residual", True, "use residual (skip) connections")
     add_bool_flag(p, "cuda", True, "train on GPUs (falls back to the CPU with a warning)")
     p.add_argument("--saving-folder", default="checkpoints/",
                    help="folder the checkpoints go to (with --resume: the resumed one's)")
     _add_our_flags(p)
+    _add_optimizer_flags(p)
+    _add_gpt_flags(p)
     _add_curvature_flags(p)
     return p
+
+
+def _add_optimizer_flags(p):
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default=None,
+                   help="sgd (momentum 0.9) or adamw (default: the problem's recipe; sgd for "
+                        "images, adamw for the GPT)")
+    p.add_argument("--betas", type=positive_float, nargs=2, default=None, metavar=("B1", "B2"),
+                   help="AdamW's betas (default: 0.9 0.95)")
+    p.add_argument("--lr-schedule", choices=("multistep", "cosine"), default=None,
+                   help="multistep: x --lr-decay after each --lr-decay-epoch; cosine: from --lr "
+                        "down to --lr x --min-lr-factor over --cosine-epochs, after the warm-up "
+                        "(default: the problem's recipe; multistep for images, cosine for the "
+                        "GPT)")
+    p.add_argument("--min-lr-factor", type=nonnegative_float, default=None,
+                   help="cosine: the learning rate's last value as a fraction of --lr "
+                        f"(default: {DEFAULT_MIN_LR_FACTOR:g})")
+    p.add_argument("--cosine-epochs", type=positive_float, default=None,
+                   help="cosine: epochs until the learning rate reaches its minimum, where it "
+                        "stays (default: --epochs of the first run; a resumed run keeps it)")
+
+
+def _add_gpt_flags(p):
+    defaults = GPT_DEFAULTS
+    p.add_argument("--n-layer", type=positive_int, default=None,
+                   help=f"GPT: transformer blocks (default: {defaults['n_layer']})")
+    p.add_argument("--n-head", type=positive_int, default=None,
+                   help=f"GPT: attention heads (default: {defaults['n_head']})")
+    p.add_argument("--n-embd", type=positive_int, default=None,
+                   help=f"GPT: embedding width, a multiple of --n-head (default: "
+                        f"{defaults['n_embd']})")
+    p.add_argument("--block-size", type=positive_int, default=None,
+                   help=f"GPT: tokens (bytes) per sample, also the model's context (default: "
+                        f"{defaults['block_size']})")
 
 
 def _add_our_flags(p):
@@ -138,17 +187,20 @@ def _add_our_flags(p):
                    help="ResNet depth, 6n+2 (20, 32, 44, 56, 110, ...)")
     p.add_argument("--model", default=None, metavar="MODULE:CALLABLE",
                    help="your own model instead of the ResNet, e.g. torchvision.models:resnet18"
-                        " (called with num_classes=<classes> when it accepts it)")
+                        " (called with num_classes=<classes> when it accepts it); "
+                        f"'{GPT_MODEL}': the built-in GPT language model (with --dataset text)")
     p.add_argument("--problem", default=None, metavar="FILE.py",
                    help="your own problem instead of the built-in image classifier: a file "
                         "defining model() and dataset(split), optionally forward(model, "
                         "batch), loss(outputs, batch), accuracy(outputs, batch), "
                         "train_dataset() and recipe() (README, 'Your own problem')")
-    p.add_argument("--dataset", choices=DATASETS, default="cifar10",
+    p.add_argument("--dataset", choices=DATASET_CHOICES, default="cifar10",
                    help="data set: cifar10/cifar100 (torchvision, in --data-dir), imagefolder "
                         "(--data-dir/train/<class>/*, --data-dir/test/<class>/*), synthetic "
-                        "(generated, offline)")
-    p.add_argument("--data-dir", default="data", help="folder holding the data set")
+                        "(generated, offline), text (the bytes of the UTF-8 file --data-dir, "
+                        "for --model gpt)")
+    p.add_argument("--data-dir", default="data",
+                   help="folder holding the data set; --dataset text: the text file")
     p.add_argument("--image-size", type=positive_int, default=32,
                    help="imagefolder: resize images to N x N (needs --model when not 32)")
     p.add_argument("--num-workers", type=nonnegative_int, default=2,
@@ -238,6 +290,7 @@ def validate(args) -> Plan:
         print(line, file=sys.stderr)
     if not args.resume:
         apply_recipe(args, plan.problem.recipe())
+    resolve_optimizer(args)
     if args.resume:
         plan.previous_curvature = curvature_paths(os.path.dirname(args.resume) or ".",
                                                   os.path.basename(args.resume))[0]
@@ -263,6 +316,8 @@ def resume_defaults(args) -> list[str]:
     if meta["problem"].get("kind") == "file":
         recorded = {**recorded, "problem": meta["problem"]["path"]}
         file_problem_of_record(meta["problem"], args.resume, notes)
+    if meta["problem"].get("kind") == "text":
+        notes += text_changed(meta["problem"], args.resume)
     for key, value in recorded.items():
         if not hasattr(args, key) or key in LOCAL_FLAGS:
             continue
@@ -285,6 +340,20 @@ def resume_defaults(args) -> list[str]:
     return notes
 
 
+def text_changed(record, path) -> list[str]:
+    """A warning when the text file a checkpoint was trained on has changed since."""
+    text = record["path"]
+    if not os.path.isfile(text):
+        return []
+    with open(text, "rb") as fh:
+        now = hashlib.sha256(fh.read()).hexdigest()
+    if now == record.get("sha256"):
+        return []
+    return [f"warning: text file {text} has changed since checkpoint {path} was written "
+            f"(SHA-256 {str(record.get('sha256'))[:12]}... then, {now[:12]}... now); training "
+            "goes on with it as it is now"]
+
+
 def _same(key, given, recorded) -> bool:
     if key == "problem":  # recorded as an absolute path
         return os.path.abspath(given) == os.path.abspath(recorded)
@@ -303,6 +372,30 @@ def apply_recipe(args, recipe):
             setattr(args, dest, value)
 
 
+def resolve_optimizer(args):
+    """The optimizer and schedule flags that neither the command line, a recipe nor a resumed
+    run set take their defaults (SGD, multistep; betas 0.9 0.95, cosine down to 0.1 x lr at
+    --epochs); flags of the other optimizer or schedule are refused."""
+    args.optimizer = args.optimizer or "sgd"
+    args.lr_schedule = args.lr_schedule or "multistep"
+    if args.betas is None:
+        args.betas = list(DEFAULT_BETAS)
+    if args.min_lr_factor is None:
+        args.min_lr_factor = DEFAULT_MIN_LR_FACTOR
+    if args.cosine_epochs is None:
+        args.cosine_epochs = float(args.epochs)
+    given = set(args.given)
+    if args.optimizer == "sgd" and "betas" in given:
+        raise UserError("--betas applies to --optimizer adamw; drop it (SGD uses momentum "
+                        f"{MOMENTUM})")
+    unused = {"multistep": ("min_lr_factor", "cosine_epochs"),
+              "cosine": ("lr_decay", "lr_decay_epoch")}[args.lr_schedule]
+    for dest in unused:
+        if dest in given:
+            raise UserError(f"--{dest.replace('_', '-')} does not apply to --lr-schedule "
+                            f"{args.lr_schedule}; drop it")
+
+
 def _show(value):
     if isinstance(value, (list, tuple)):
         return " ".join(str(v) for v in value)
@@ -310,7 +403,7 @@ def _show(value):
 
 
 def check_combinations(args):
-    if args.model:
+    if args.model and args.model != GPT_MODEL:
         resolve_model_spec(args.model)  # importable, callable
         ours = [f for f in ("depth", "batch_norm", "residual") if f in args.given]
         if ours:
@@ -400,17 +493,39 @@ def resolve_recipe(args, model, problem):
 
 
 def lr_factor(args, steps_per_epoch):
-    """The learning-rate factor at global step k (0-based), for torch's LambdaLR: the original's
-    MultiStepLR (x lr_decay after each epoch in lr_decay_epoch) times a linear warm-up over
-    warmup_epochs epochs, per step."""
+    """The learning-rate factor at global step k (0-based), for torch's LambdaLR: a linear
+    warm-up over warmup_epochs epochs, per step, times the schedule: ``multistep`` is the
+    original's MultiStepLR (x lr_decay after each epoch in lr_decay_epoch); ``cosine`` falls
+    from 1 after the warm-up to min_lr_factor at cosine_epochs, and stays there,
+    ``f + (1 - f) (1 + cos(pi t)) / 2`` with t the fraction of the way."""
     warm = args.warmup_epochs * steps_per_epoch
     milestones = sorted(m * steps_per_epoch for m in args.lr_decay_epoch)
+    end = args.cosine_epochs * steps_per_epoch
+
+    def schedule(k):
+        if args.lr_schedule == "multistep":
+            return args.lr_decay ** bisect.bisect_right(milestones, k)
+        t = min(1.0, max(0.0, (k - warm) / (end - warm))) if end > warm else 1.0
+        f = args.min_lr_factor
+        return f + (1.0 - f) * 0.5 * (1.0 + math.cos(math.pi * t))
 
     def factor(k):
-        decay = args.lr_decay ** bisect.bisect_right(milestones, k)
-        return decay * min(1.0, (k + 1) / warm) if warm > 0 else decay
+        return schedule(k) * min(1.0, (k + 1) / warm) if warm > 0 else schedule(k)
 
     return factor
+
+
+def make_optimizer(args, model):
+    """SGD with momentum on every parameter (the original's), or AdamW with decoupled weight
+    decay on the parameters of two or more dimensions (weight matrices, embeddings) and none
+    on biases and LayerNorm/BatchNorm parameters (GPT-2's and nanoGPT's convention)."""
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=MOMENTUM,
+                               weight_decay=args.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas))
 
 
 def seed_everything(seed):
@@ -475,8 +590,7 @@ def train_worker(ctx, args, plan):
     if ctx.world_size > 1:
         model = nn.parallel.DistributedDataParallel(
             plain, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    optimizer = torch.optim.SGD(plain.parameters(), lr=args.lr, momentum=MOMENTUM,
-                                weight_decay=args.weight_decay)
+    optimizer = make_optimizer(args, plain)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args, len(train)))
     run = Run(problem, model, plain, optimizer, schedule, train, test, sampler, generator)
     if args.resume:
@@ -523,7 +637,8 @@ def make_tracker(ctx, args, plan, run):
     return CurvatureTracker(
         ctx, run.problem, every=args.hessian_every, epochs=args.epochs,
         samples=args.hessian_samples, mini_batch=args.hessian_mini_batch, seed=args.seed,
-        trace=args.hessian_trace, momentum=MOMENTUM, json_path=plan.paths["curvature_json"],
+        trace=args.hessian_trace, momentum=MOMENTUM if args.optimizer == "sgd" else 0.0,
+        json_path=plan.paths["curvature_json"],
         png_path=plan.paths["curvature_png"], previous=previous,
         settings={"checkpoint": args.checkpoint_name}, curvatures=args.curvature)
 
@@ -547,16 +662,28 @@ def describe(ctx, args, run):
            f"{problem.data_name} ({train} train / {test} test"
            f"{f', {classes} classes' if classes else ''}); device {ctx.device}, "
            f"{ctx.world_size} process(es), batch {per} per process")
-    original = isinstance(problem, ImageProblem) and not args.warmup_epochs \
-        and not args.clip_grad_norm
-    print0(f"recipe: SGD lr {args.lr:g}, momentum {MOMENTUM}, weight decay "
-           f"{args.weight_decay:g}, x{args.lr_decay:g} after epochs "
-           f"{_show(args.lr_decay_epoch)}; warm-up {args.warmup_epochs:g} epoch(s), gradient "
-           f"clipping {args.clip_grad_norm or 'off'}" + (" (the original's)" if original else ""))
+    print0(recipe_line(args, problem))
     if args.resume:
         print0(f"resuming {args.resume} after epoch {run.epoch} (step {run.global_step})")
     if run.tracker is not None:
         print0(run.tracker.expected_cost(run.epoch, train))
+
+
+def recipe_line(args, problem) -> str:
+    """The optimizer, its schedule, warm-up and clipping in one line."""
+    if args.optimizer == "sgd":
+        head = f"SGD lr {args.lr:g}, momentum {MOMENTUM}, weight decay {args.weight_decay:g}"
+    else:
+        head = (f"AdamW lr {args.lr:g}, betas ({args.betas[0]:g}, {args.betas[1]:g}), weight "
+                f"decay {args.weight_decay:g} (not on biases and norm layers)")
+    if args.lr_schedule == "multistep":
+        schedule = f"x{args.lr_decay:g} after epochs {_show(args.lr_decay_epoch)}"
+    else:
+        schedule = (f"cosine to {args.min_lr_factor:g} x lr at epoch {args.cosine_epochs:g}")
+    original = isinstance(problem, ImageProblem) and args.optimizer == "sgd" and \
+        args.lr_schedule == "multistep" and not args.warmup_epochs and not args.clip_grad_norm
+    return (f"recipe: {head}, {schedule}; warm-up {args.warmup_epochs:g} epoch(s), gradient "
+            f"clipping {args.clip_grad_norm or 'off'}" + (" (the original's)" if original else ""))
 
 
 @dataclass
@@ -657,9 +784,10 @@ def run_epoch(ctx, args, plan, run, epoch):
         raise TrainingDiverged(diverged_message(args, epoch, stats.loss))
     lr_text = f"{stats.lr:.4f}" if stats.lr >= 1e-3 else f"{stats.lr:.2e}"
     clip_text = f"  clipped {100 * stats.clipped:.0f}% of steps" if args.clip_grad_norm else ""
-    print0(f"epoch {epoch}/{args.epochs}  train loss {stats.loss:.4f}{_acc(stats.accuracy)}"
-           f"  test loss {test_loss:.4f}{_acc(test_acc)}  lr {lr_text}  "
-           f"{time.time() - start:.1f} s{clip_text}")
+    loss_text = run.problem.loss_text
+    print0(f"epoch {epoch}/{args.epochs}  train loss {loss_text(stats.loss)}"
+           f"{_acc(stats.accuracy)}  test loss {loss_text(test_loss)}{_acc(test_acc)}  "
+           f"lr {lr_text}  {time.time() - start:.1f} s{clip_text}")
     save_epoch(ctx, args, plan, run, epoch, test_loss, test_acc)
     if run.tracker is not None:
         track_curvature(ctx, run, epoch, stats, test_loss, test_acc)

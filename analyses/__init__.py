@@ -1,6 +1,7 @@
 """The analyses the script can run, in the order they run: adding one is a new module here
 with an ``Analysis`` subclass (see ``base``) and one line in ``REGISTRY``."""
 from .base import Analysis, Context, ModelFacts, Request, Selection
+from .block_spectra import BlockSpectra
 from .bottom import BottomEigenvalues
 from .density import Density
 from .diagonal import Diagonal
@@ -18,6 +19,7 @@ REGISTRY: list[Analysis] = [
     PerLayer(),
     Diagonal(),
     Density(),
+    BlockSpectra(),
     Landscape(),
 ]
 

@@ -15,7 +15,9 @@ from .base import Analysis
 class PerLayer(Analysis):
     name = "per_layer"
     flag = "--per-layer"
-    help = "trace and top eigenvalue of every layer's diagonal block of the Hessian"
+    help = ("trace and top eigenvalue of every layer's diagonal block of the Hessian; with "
+            "--density also each block's spectral density and their mean pairwise "
+            "Jensen-Shannon distance (results.block_spectra, block_spectra.png)")
     requires = ("trace",)
     files = ("per_layer.png",)
 

@@ -94,6 +94,10 @@ class Problem:
         """training.py defaults this problem prefers (flags given on the command line win)."""
         return {}
 
+    def loss_text(self, loss: float) -> str:
+        """A mean loss as training prints it (the text problem adds bits per byte)."""
+        return f"{loss:.4f}"
+
     def record(self) -> dict:
         """What a checkpoint stores to rebuild this problem."""
         raise NotImplementedError

@@ -7,13 +7,16 @@ mean loss over every rank's mini-batches, one all-reduce per product) and its cu
 (by name in ``CURVATURES``);
 ``batches``: mini-batches of any layout (``batch_size``) with a ``forward(model, batch)`` and a
 ``loss(outputs, batch)``; ``estimators/``: matrix-free algorithms that take any operator
-(Lanczos, power iteration, Hutchinson with optional Krylov deflation, Hutch++, SLQ) and return
+(Lanczos, power iteration, Hutchinson with optional Krylov deflation, Hutch++, SLQ of an
+operator or of each of its diagonal blocks) and return
 typed results (``EigenResult``, ``TraceResult``, ``DensityResult``) whose progress is one shape
 (``Step``); ``parameter_groups`` for per-layer index sets; ``gaussian_density`` for the ESD;
+``spectral_js_distances`` for the heterogeneity of block spectra; ``attention`` for
+scaled_dot_product_attention in second-order passes;
 and ``hessian``, a drop-in for PyHessian's class.
 """
 from .batches import batch_size
-from .density import gaussian_density
+from .density import gaussian_density, jensen_shannon_distance, spectral_js_distances
 from .distributed import get_rank, get_world_size, print0
 from .estimators import (
     KrylovDeflation,
@@ -24,6 +27,7 @@ from .estimators import (
     power_iteration_eigenpairs,
     rademacher,
     slq_density,
+    slq_group_densities,
 )
 from .groups import parameter_groups
 from .hessian import hessian
@@ -68,6 +72,7 @@ __all__ = [
     "hessian",
     "hutchinson_trace",
     "hutchpp_trace",
+    "jensen_shannon_distance",
     "lanczos_eigenpairs",
     "lanczos_group_eigenpairs",
     "parameter_groups",
@@ -75,4 +80,6 @@ __all__ = [
     "print0",
     "rademacher",
     "slq_density",
+    "slq_group_densities",
+    "spectral_js_distances",
 ]

@@ -6,7 +6,9 @@
 * ``"module"``: one group per module that owns parameters (``conv1``, ``layer1.0.bn1``, ``fc``);
 * ``"stage"``: the top-level children, with the leaf modules before the first container merged
   into ``"stem"`` and those after the last container into ``"head"`` (for the CIFAR ResNet:
-  stem = conv1 + bn1, layer1, layer2, layer3, head = fc);
+  stem = conv1 + bn1, layer1, layer2, layer3, head = fc); a model whose only container is one
+  list of blocks (a transformer's ``h.0``, ``h.1``, ...) has one stage per block (for the GPT:
+  stem = wte + wpe, h.0, h.1, ..., head = ln_f + lm_head);
 * ``"parameter"``: one group per parameter tensor.
 
 Each group is a :class:`ParameterGroup` with a name, the parameter names it holds and the
@@ -49,7 +51,12 @@ def _stage_keys(names: Sequence[str]) -> list[str]:
     last = max(order.index(t) for t in container)
     rename = {t: ("stem" if i < first else "head" if i > last else t)
               for i, t in enumerate(order) if t not in container}
-    return [rename.get(t, t) for t in top]
+    keys = [rename.get(t, t) for t in top]
+    blocks = [n.split(".")[1] for n, t in zip(names, top) if t in container]
+    if len(container) == 1 and all(b.isdigit() for b in blocks):  # one list of blocks
+        keys = [".".join(n.split(".")[:2]) if t in container else k
+                for n, t, k in zip(names, top, keys)]
+    return keys
 
 
 def parameter_groups(names: Sequence[str], numels: Sequence[int],

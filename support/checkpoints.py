@@ -249,6 +249,8 @@ def read_checkpoint(path, model_spec=None):
     if meta["problem"].get("kind") == "images":
         meta.update({k: meta["problem"].get(k) for k in ("arch", "dataset", "normalization")},
                     image_size=meta["problem"].get("image_size") or 32)
+    elif meta["problem"].get("kind") == "text":
+        meta["arch"] = meta["problem"].get("arch")
     return state_dict, meta
 
 
@@ -316,7 +318,7 @@ def _parse_ours(obj, path):
         problem = {"kind": "images", **{k: obj.get(k) for k in ("arch", "dataset",
                                                                 "normalization", "image_size")}}
     if not _is_state_dict(state_dict) or not isinstance(problem, dict) or \
-            problem.get("kind") not in ("images", "file"):
+            problem.get("kind") not in ("images", "file", "text"):
         raise CheckpointError(f"cannot read checkpoint {path}: its weights or its problem "
                               f"record are missing; {_HINT}")
     meta = {key: obj.get(key) for key in _META_FIELDS}

@@ -24,13 +24,14 @@ import os
 import sys
 from dataclasses import dataclass
 
-from pyhessian_dist.density import gaussian_density
+from pyhessian_dist.density import gaussian_density, spectral_js_distances
 
-__all__ = ["Panel", "RunPoints", "Series", "SpectrumOverlay", "compare_figure",
-           "convergence_figure", "curvature_figure", "density_generate", "esd_figure",
-           "esd_overlay_figure", "get_esd_plot", "is_number", "landscape_figure",
-           "per_layer_figure", "plot_compare", "plot_convergence", "plot_curvature",
-           "plot_esd_overlay", "plot_landscape", "plot_per_layer", "save_figure"]
+__all__ = ["Panel", "RunPoints", "Series", "SpectrumOverlay", "block_spectra_figure",
+           "compare_figure", "convergence_figure", "curvature_figure", "density_generate",
+           "esd_figure", "esd_overlay_figure", "get_esd_plot", "is_number", "landscape_figure",
+           "per_layer_figure", "plot_block_spectra", "plot_compare", "plot_convergence",
+           "plot_curvature", "plot_esd_overlay", "plot_landscape", "plot_per_layer",
+           "save_figure"]
 
 _POSITIVE, _NEGATIVE = "tab:blue", "tab:red"
 
@@ -304,6 +305,51 @@ def plot_per_layer(per_layer, path, title=None):
     """Write ``per_layer_figure`` to ``path`` (PNG, atomically); returns ``path``."""
     return _closing(per_layer_figure(per_layer, title),
                     lambda fig: save_figure(fig, path, dpi=150))
+
+
+# ---------------------------------------------------------------------------- block spectra
+def block_spectra_figure(entry, title=None):
+    """``results.block_spectra`` as small multiples, one panel per group in the given order
+    (row by row): the group's SLQ density as the JS distance compares it -- eigenvalues divided
+    by the block's own spectral radius rho, Gaussians of width ``entry["smoothing"]
+    ["bandwidth"]`` of it -- as a density (+1e-7) on a log axis over lambda / rho in about
+    [-1, 1]; each panel names the group, its parameters and rho; the title gives the mean
+    pairwise JS distance."""
+    groups = list(entry["groups"])
+    if not groups:
+        raise ValueError("nothing to plot: no groups")
+    bandwidth = entry.get("smoothing", {}).get("bandwidth", 0.05)
+    js = spectral_js_distances([(g["nodes"], g["weights"]) for g in groups], normalise=True,
+                               bandwidth=bandwidth, num_bins=801)
+    grid, step = js["grid"], js["grid"][1] - js["grid"][0]
+    ncols = min(6, len(groups))
+    nrows = math.ceil(len(groups) / ncols)
+    fig, axes = _pyplot().subplots(nrows, ncols, figsize=(2.3 * ncols, 1.75 * nrows + 0.7),
+                                   sharex=True, sharey=True, squeeze=False)
+    with _closed_on_error(fig):
+        for ax, g, p, rho in zip(axes.flat, groups, js["densities"], js["scales"]):
+            ax.semilogy(grid, p / step + 1e-7, lw=1.0)
+            ax.set_title(f"{g['name']} ({_count(g.get('num_parameters'))})\nrho {rho:.3g}",
+                         fontsize=7)
+            ax.tick_params(labelsize=6)
+        for i, ax in enumerate(axes.flat):
+            if i >= len(groups):
+                ax.axis("off")
+            elif i + ncols >= len(groups):  # the lowest panel of its column
+                ax.xaxis.set_tick_params(labelbottom=True)
+                ax.set_xlabel("eigenvalue / rho", fontsize=7)
+        value = entry.get("js_distance")
+        head = title or "block spectra"
+        fig.suptitle(f"{head}: mean pairwise JS distance "
+                     f"{value:.3f}" if is_number(value) else f"{head} (one block)", fontsize=10)
+        fig.tight_layout()
+    return fig
+
+
+def plot_block_spectra(entry, path, title=None):
+    """Write ``block_spectra_figure`` to ``path`` (PNG, atomically); returns ``path``."""
+    return _closing(block_spectra_figure(entry, title),
+                    lambda fig: save_figure(fig, path, dpi=130))
 
 
 def _bar_panel(ax, y, values, errors, hatched) -> bool:

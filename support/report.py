@@ -27,8 +27,8 @@ import pyhessian_dist
 from support.figures import density_generate, plot_convergence, plot_esd_overlay
 from support.outputs import OutputError, RunOutputs, tagged_name
 
-__all__ = ["describe_device", "describe_setup", "gradient_norm", "output_files", "run_record",
-           "side_by_side", "write_outputs"]
+__all__ = ["attention_line", "describe_device", "describe_setup", "gradient_norm",
+           "output_files", "run_record", "side_by_side", "write_outputs"]
 
 
 def gradient_norm(op) -> float:
@@ -48,7 +48,7 @@ def describe_setup(op, data, worker, seconds) -> list[str]:
     """Lines about the loss, the operator and what is resident, after the set-up pass."""
     backend = torch.distributed.get_backend() if worker.world_size > 1 else "none"
     threads = f" ({torch.get_num_threads()} thread(s)/process)" if op.device.type == "cpu" else ""
-    return [
+    lines = [
         f"data: {data['dataset']} {data['split']}: {data['num_samples']} samples "
         f"(seed {data['seed']}) in {data['num_mini_batches']} mini-batches of <= "
         f"{data['mini_batch_size']}; samples per rank {data['samples_per_rank']}",
@@ -58,6 +58,21 @@ def describe_setup(op, data, worker, seconds) -> list[str]:
         f"{gradient_norm(op):.4g}; set-up {seconds:.1f} s",
         f"{op.describe_product()}; {op.describe_memory()}",
     ]
+    attention = getattr(op, "attention", None)
+    if attention:
+        lines.append(attention_line(attention))
+    return lines
+
+
+def attention_line(attention: dict) -> str:
+    """Which attention kernel the products use, and torch's default (``op.attention``)."""
+    default = attention["default_kernel"]
+    why = ("which has no double backward or forward-mode AD" if default != "math"
+           else "the same kernel torch picks here")
+    return (f"attention: {attention['calls_per_forward']} scaled_dot_product_attention call(s) "
+            f"per forward; Hessian products run them on the {attention['products_kernel']} "
+            f"kernel (torch's default here: {default}, {why}; forward-only passes and "
+            "training keep the default)")
 
 
 def run_record(args, worker, op, model_info, data, analyses, ctxs, t_start) -> dict:

@@ -302,7 +302,7 @@ EXPECTED_FLAGS = [
     "--n-v", "--max-iter", "--tol", "--port", "--backend", "--dataset", "--data-dir",
     "--output-dir", "--reuse-graph", "--hvp-mode", "--tf32", "--no-tf32", "--landscape",
     "--landscape-points", "--landscape-radius", "--landscape-filter-normalize", "--model",
-    "--image-size", "--keep-partial-outputs",
+    "--image-size", "--keep-partial-outputs", "--block-size",
 ]
 
 

@@ -208,7 +208,8 @@ def test_each_unit_has_its_own_random_stream_from_seed_and_name(cnn):
 def test_the_output_folder_manages_the_runs_and_every_units_files():
     assert output_files(analyses.REGISTRY) == (
         "results.json", "eigenvectors.pt", "per_layer.png", "hessian_diagonal.pt",
-        "example.pdf", "example.png", "landscape.png", "landscape.pdf", "convergence.png")
+        "example.pdf", "example.png", "block_spectra.png", "landscape.png", "landscape.pdf",
+        "convergence.png")
 
     class Clash(Analysis):
         name, files = "clash", ("example.png", "clash.png")

@@ -161,7 +161,7 @@ def test_help_lists_every_flag_with_default(capsys, monkeypatch):
         assert flag in entries, flag
         assert entries[flag].endswith(f"(default: {default})"), (flag, entries[flag])
     assert "batch-size // WORLD_SIZE" in entries["--batch-size"]
-    assert "{cifar10,cifar100,imagefolder,synthetic}" in entries["--dataset"]
+    assert "{cifar10,cifar100,imagefolder,synthetic,text}" in entries["--dataset"]
     # defaults that depend on the model: stated in words, no "(default: None)"
     assert "(default: 0 with BatchNorm, 2 without)" in entries["--warmup-epochs"]
     assert "(default: off with BatchNorm, 1 without)" in entries["--clip-grad-norm"]
@@ -335,7 +335,8 @@ def test_spawned_ddp_workers(tmp_path, capfd):
 
 # ------------------------------------------------------------------ recipes
 def recipe(**kw):
-    base = dict(lr=0.1, lr_decay=0.1, lr_decay_epoch=[80, 120], warmup_epochs=0.0)
+    base = dict(lr=0.1, lr_decay=0.1, lr_decay_epoch=[80, 120], warmup_epochs=0.0,
+                lr_schedule="multistep", min_lr_factor=0.1, cosine_epochs=180.0)
     return argparse.Namespace(**{**base, **kw})
 
 

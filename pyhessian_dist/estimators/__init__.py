@@ -13,9 +13,9 @@ bases and tridiagonal matrices are kept in float64. Progress is reported to ``ca
 from ._common import rademacher
 from .lanczos import Lanczos, lanczos_eigenpairs, lanczos_group_eigenpairs, lanczos_step
 from .power import power_iteration_eigenpairs
-from .slq import slq_density
+from .slq import slq_density, slq_group_densities
 from .trace import KrylovDeflation, hutchinson_trace, hutchpp_trace
 
 __all__ = ["KrylovDeflation", "Lanczos", "hutchinson_trace", "hutchpp_trace",
            "lanczos_eigenpairs", "lanczos_group_eigenpairs", "lanczos_step",
-           "power_iteration_eigenpairs", "rademacher", "slq_density"]
+           "power_iteration_eigenpairs", "rademacher", "slq_density", "slq_group_densities"]

@@ -14,7 +14,8 @@ from ..operators import LinearOperator
 from ..results import Callback, EigenResult, Step
 from ._common import F64, apply, check_k, emit, gaussian, orthogonalise, resolve_generator
 
-__all__ = ["Lanczos", "lanczos_step", "lanczos_eigenpairs", "lanczos_group_eigenpairs"]
+__all__ = ["Lanczos", "group_index", "lanczos_step", "lanczos_eigenpairs",
+           "lanczos_group_eigenpairs"]
 
 WHICH = ("LA", "SA", "LM")
 
@@ -120,6 +121,13 @@ class Lanczos:
         self.w = torch.zeros_like(w) if self.broken else w
         self.m = j + 1
         self._q = None
+
+
+def group_index(op: LinearOperator, g) -> tuple:
+    """``(index, n)``: a group's coordinates (a slice, or an index tensor on ``op.device``) and
+    their number."""
+    index = g if isinstance(g, slice) else torch.as_tensor(g, device=op.device)
+    return index, len(range(op.dim)[index]) if isinstance(index, slice) else len(index)
 
 
 def lanczos_step(op: LinearOperator, runs: Sequence[Lanczos]) -> int:
@@ -296,8 +304,7 @@ def lanczos_group_eigenpairs(op: LinearOperator, groups: Sequence, k: int = 1, *
     generator = resolve_generator(generator)
     eigens = []
     for g in groups:
-        index = g if isinstance(g, slice) else torch.as_tensor(g, device=op.device)
-        n = len(range(op.dim)[index]) if isinstance(index, slice) else len(index)
+        index, n = group_index(op, g)
         run = Lanczos(gaussian((n,), generator, op.device), max_steps, generator, index)
         eigens.append(_Eigen(run, k, which, tol, None, op.dtype))
     runs = [e.run for e in eigens]

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..attention import math_attention
 from ..batches import _map
 from .hessian import _measure_graphs
 from .model import ModelOperator, checking_loss, kept_phrase, scalar_loss
@@ -175,7 +176,8 @@ class GGNOperator(ModelOperator):
         and, with ``jvp``, the graph of ``J^T u``; ``check``: check the loss as
         ``check_loss`` does."""
         batch = self._batch(b)
-        with _EvalBatchNormAsAffine():
+        # the graphs are differentiated twice: attention on the math kernel, which supports it
+        with _EvalBatchNormAsAffine(), math_attention():
             outputs = self.forward_fn(self.model, batch)
         if check:
             loss, z, zd = _loss_of_outputs(outputs, batch, self.loss_fn, self.params)

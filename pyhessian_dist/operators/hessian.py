@@ -10,12 +10,14 @@ backward pass through the first-order graph of mini-batch b (or ``torch.func.jvp
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
+from ..attention import math_attention
 from .model import ModelOperator, kept_phrase
 
 __all__ = ["HVP_MODES", "HessianOperator"]
@@ -125,13 +127,15 @@ class HessianOperator(ModelOperator):
         ``reuse_graph`` allows (their size measured on the first one)."""
         if self._keep is None:  # first mini-batch: measure what a graph holds
             def build():
-                loss = self._weighted_loss(b)
-                return loss, self._grad(loss, create_graph=True)
+                with math_attention():  # a kept graph is differentiated again
+                    loss = self._weighted_loss(b)
+                    return loss, self._grad(loss, create_graph=True)
 
             loss, g = _measure_graphs(self, build)
-        else:
-            loss = self._weighted_loss(b)
-            g = self._grad(loss, create_graph=b < self._keep)
+        else:  # a kept graph is differentiated again: attention on the math kernel
+            with math_attention() if b < self._keep else contextlib.nullcontext():
+                loss = self._weighted_loss(b)
+                g = self._grad(loss, create_graph=b < self._keep)
         if b < self._keep:
             self._graphs.append(g)
         return loss, g
@@ -195,14 +199,16 @@ class HessianOperator(ModelOperator):
 
     def _batch_matmat(self, b: int, V: torch.Tensor) -> torch.Tensor:
         """``w_b H_b V``: a second backward through mini-batch b's first-order graph (kept, or
-        recomputed here), or forward-over-reverse."""
-        if self.hvp_mode == "forward_over_reverse":
-            return self._forward_over_reverse(b, V)
-        kept = b < len(self._graphs)
-        g = self._graphs[b] if kept else self._grad(self._weighted_loss(b), True)
-        if not g.requires_grad:  # the loss is linear in theta here: H_b = 0
-            return torch.zeros_like(V)
-        return self._second_backward(g, V, retain=kept)
+        recomputed here), or forward-over-reverse; attention on the math kernel (the fused
+        ones have no double backward or forward AD, see ``pyhessian_dist.attention``)."""
+        with math_attention():
+            if self.hvp_mode == "forward_over_reverse":
+                return self._forward_over_reverse(b, V)
+            kept = b < len(self._graphs)
+            g = self._graphs[b] if kept else self._grad(self._weighted_loss(b), True)
+            if not g.requires_grad:  # the loss is linear in theta here: H_b = 0
+                return torch.zeros_like(V)
+            return self._second_backward(g, V, retain=kept)
 
     # ----------------------------------------------------------------- reports
     def describe_product(self) -> str:

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ..attention import AttentionWatch, default_kernel
 from ..batches import (
     batch_nbytes,
     batch_size,
@@ -276,13 +277,21 @@ class ModelOperator(LinearOperator):
         return loss, self._grad(loss, create_graph=False)
 
     def _first_order_pass(self) -> None:
-        """Mean loss and gradient over every rank's data: ONE all-reduce of [grad, loss]."""
+        """Mean loss and gradient over every rank's data: ONE all-reduce of [grad, loss].
+        The first mini-batch's pass also records whether the model calls
+        ``scaled_dot_product_attention`` (``attention``: calls per forward, the kernel
+        products use, torch's default kernel; None without attention)."""
         buf = torch.zeros(self.dim + 1, dtype=torch.float64, device=self.device)
+        watch = AttentionWatch()
         with torch.enable_grad():
             for b in range(len(self.batches)):
-                loss, g = self._loss_and_gradient(b)
+                with watch if b == 0 else contextlib.nullcontext():
+                    loss, g = self._loss_and_gradient(b)
                 buf[:-1] += g.detach().to(torch.float64)
                 buf[-1] += loss.detach().to(torch.float64)
+        self.attention = None if watch.first is None else {
+            "calls_per_forward": watch.calls, "products_kernel": "math",
+            "default_kernel": default_kernel(watch.first)}
         all_reduce_(buf, self.comm)
         if not torch.isfinite(buf[-1]):
             raise FloatingPointError(
@@ -355,4 +364,5 @@ class ModelOperator(LinearOperator):
             "data_bytes": self.data_bytes,
             "data_on_device": self.data_on_device,
             "memory_budget_bytes": self.memory_budget_bytes,
+            "attention": self.attention,
         }
