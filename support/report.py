@@ -60,17 +60,18 @@ def describe_setup(op, data, worker, seconds) -> list[str]:
     ]
     attention = getattr(op, "attention", None)
     if attention:
-        lines.append(attention_line(attention))
+        lines.append(attention_line(attention, op.product_label))
     return lines
 
 
-def attention_line(attention: dict) -> str:
+def attention_line(attention: dict, product_label: str = "HVP") -> str:
     """Which attention kernel the products use, and torch's default (``op.attention``)."""
     default = attention["default_kernel"]
+    products = "Hessian products" if product_label == "HVP" else product_label + "s"
     why = ("which has no double backward or forward-mode AD" if default != "math"
            else "the same kernel torch picks here")
     return (f"attention: {attention['calls_per_forward']} scaled_dot_product_attention call(s) "
-            f"per forward; Hessian products run them on the {attention['products_kernel']} "
+            f"per forward; {products} run them on the {attention['products_kernel']} "
             f"kernel (torch's default here: {default}, {why}; forward-only passes and "
             "training keep the default)")
 

@@ -268,3 +268,40 @@ def test_world_sizes_1_2_3_match_the_dense_hessian(mode):
                                   atol=1e-11), world_size
             assert r["loss"] == pytest.approx(loss(model(x), (x, y)).item(), rel=1e-12)
             assert r["top"] == pytest.approx(exact_top, rel=1e-8)
+
+
+# ------------------------------------------------------------- GGN and EF through attention
+def test_ggn_and_empirical_fisher_through_attention_match_dense_references():
+    """G = (1/N) sum_i J_i^T H_L,i J_i and F = (1/N) sum_i g_i g_i^T of the tiny GPT, from
+    jacrev of the logits and per-sample gradients on the math kernel, against the operators
+    (whose passes go through attention twice, or under vmap, on the math kernel too)."""
+    from pyhessian_dist import EmpiricalFisherOperator, GGNOperator
+
+    model = tiny_gpt()
+    x, y = tiny_tokens()
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    numels = [p.numel() for p in model.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def logits(flat, xi):
+        ps = {n: t.view(s) for n, t, s in zip(names, torch.split(flat, numels), shapes)}
+        return torch.func.functional_call(model, ps, (xi[None],))[0]
+
+    G = torch.zeros(theta.numel(), theta.numel(), dtype=torch.float64)
+    F_ = torch.zeros_like(G)
+    with math_attention():
+        for i in range(N):
+            z = logits(theta, x[i])
+            J = torch.func.jacrev(logits)(theta, x[i]).reshape(-1, theta.numel())
+            one = (x[i:i + 1], y[i:i + 1])
+            HL = torch.func.hessian(lambda o, one=one, s=z.shape: loss(o.view(1, *s), one))(
+                z.reshape(-1)).reshape(J.shape[0], J.shape[0])
+            G += J.T @ HL @ J / N
+            g = torch.func.grad(lambda t, i=i, one=one: loss(logits(t, x[i])[None], one))(theta)
+            F_ += torch.outer(g, g) / N
+    V = torch.randn(3, theta.numel(), dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(2))
+    for cls, ref in ((GGNOperator, G), (EmpiricalFisherOperator, F_)):
+        op = cls(model, batches=batches_of(x, y), forward=forward, loss=loss)
+        assert torch.allclose(op.matvec(V), V @ ref, rtol=1e-9, atol=1e-11), cls.__name__

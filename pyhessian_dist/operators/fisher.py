@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..attention import math_attention
 from ..batches import _map, batch_size
 from .hessian import _Forward
 from .model import ModelOperator, checking_loss, kept_phrase, scalar_loss
@@ -82,9 +83,10 @@ def per_sample_gradients(model: nn.Module, batch, forward: Callable, loss: Calla
         part = _slice(batch, start, start + chunk)
         fn, xs = _sample_function(module, loss, part)
         if mode == "vmap":
-            try:
-                grads, values = torch.func.vmap(torch.func.grad_and_value(fn),
-                                                in_dims=(None, *[0] * len(xs)))(ps, *xs)
+            try:  # attention on the math kernel: the fused ones have no batching rule
+                with math_attention():
+                    grads, values = torch.func.vmap(torch.func.grad_and_value(fn),
+                                                    in_dims=(None, *[0] * len(xs)))(ps, *xs)
             except RuntimeError:  # e.g. .item() or in-place updates in the forward
                 mode = "loop"
         if mode == "loop":
@@ -117,6 +119,7 @@ class EmpiricalFisherOperator(ModelOperator):
     """
 
     product_label = "EF product"
+    _forwards_in_first_pass = 2  # the per-sample pass and the mean check of the first batch
 
     def __init__(self, model: nn.Module, criterion: Callable | None = None,
                  batches: Iterable = (), *, keep_gradients: bool | str = "auto",

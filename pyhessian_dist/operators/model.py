@@ -149,6 +149,7 @@ class ModelOperator(LinearOperator):
 
     #: what one product is called in reports ("10 HVPs")
     product_label = "product"
+    _forwards_in_first_pass = 1  # forward passes of a mini-batch in _loss_and_gradient
 
     @classmethod
     def check_loss(cls, model: nn.Module, batch, *, criterion: Callable | None = None,
@@ -290,7 +291,8 @@ class ModelOperator(LinearOperator):
                 buf[:-1] += g.detach().to(torch.float64)
                 buf[-1] += loss.detach().to(torch.float64)
         self.attention = None if watch.first is None else {
-            "calls_per_forward": watch.calls, "products_kernel": "math",
+            "calls_per_forward": watch.calls // self._forwards_in_first_pass,
+            "products_kernel": "math",
             "default_kernel": default_kernel(watch.first)}
         all_reduce_(buf, self.comm)
         if not torch.isfinite(buf[-1]):
