@@ -18,7 +18,10 @@ def write_error(exc: BaseException) -> str:
     """Why a file could not be written and what to do, in words: "No space left on device;
     free some space ..." (ENOSPC, EDQUOT), the file-size limit for EFBIG (``ulimit -f``; the
     OS says only "File too large"), the OS's reason otherwise; for an exception that is not an
-    ``OSError`` its type and first line (a bug in the code that draws the file)."""
+    ``OSError`` its type and first line (a bug in the code that draws the file). An OSError
+    in the exception's chain wins: matplotlib's PDF writer, cleaning up after a full disk,
+    raises an AttributeError whose context is the ENOSPC."""
+    exc = _os_error_in_chain(exc) or exc
     if not isinstance(exc, OSError):
         text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         return f"{type(exc).__name__}: {text}; a bug, please report it" if text else \
@@ -35,6 +38,17 @@ def write_error(exc: BaseException) -> str:
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"{reason}; choose a folder you can write to"
     return reason  # e.g. "Not a directory": the path says what to do
+
+
+def _os_error_in_chain(exc: BaseException) -> OSError | None:
+    """The first OSError among ``exc`` and its causes and contexts, or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _file_size_limit():

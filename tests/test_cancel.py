@@ -203,6 +203,20 @@ def test_write_error_names_the_file_size_limit(monkeypatch):
                     "(the file-size limit, `ulimit -f`); raise or remove the limit")
 
 
+
+def test_write_error_finds_the_disk_behind_a_cleanup_error():
+    """matplotlib's PDF writer, cleaning up after ENOSPC, raised AttributeError ('Stream' object
+    has no attribute 'pos'; seen on a full tmpfs with 2 processes): the full disk is named."""
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise AttributeError("'Stream' object has no attribute 'pos'")  # noqa: B904
+    except AttributeError as exc:
+        assert write_error(exc) == ("No space left on device; free some space or choose a "
+                                    "folder on another disk")
+    assert write_error(ValueError("bad")) == "ValueError: bad; a bug, please report it"
+
 def not_running_pid() -> int:
     """A process id that no process has now (the highest free one)."""
     with open("/proc/sys/kernel/pid_max") as fh:
