@@ -116,7 +116,8 @@ class Lanczos:
         # classical Gram-Schmidt pass against the whole basis, a second only when that pass
         # removed most of what was left (Daniel, Gragg, Kaufman & Stewart 1976: ||w'|| <
         # ||w|| / sqrt(2)); half the passes over the basis of orthogonalising twice, which
-        # dominated SLQ's cost besides the products (measured: bench/bench_facade.py)
+        # dominated SLQ's cost besides the products (100 steps at 272k parameters on a
+        # diagonal operator: 17.5 s -> 6.5 s, loaded machine)
         w = w - a * q - (self.beta[j - 1] * self._basis[j - 1] if j > 0 else 0.0)
         w = _reorthogonalise(w, self._basis[: j + 1])
         b = w.norm()
