@@ -153,6 +153,7 @@ class Plan:
     meta: dict           # the checkpoint's record (epoch, accuracy, path, ...), if any
     nprocs: int
     cuda: bool
+    started: float       # time.time() at the launching process's start (the timings' zero)
 
 
 def given_flags(args) -> list[str]:
@@ -204,7 +205,8 @@ def validate(args) -> Plan:
     if earlier:
         print0(f"output: {args.output_dir} (at the end this run's files replace the earlier "
                f"run's {', '.join(earlier)})")
-    return Plan(problem=problem, meta=meta, nprocs=n, cuda=bool(gpus))
+    return Plan(problem=problem, meta=meta, nprocs=n, cuda=bool(gpus),
+                started=utils.process_start_time())
 
 
 # ---------------------------------------------------------------------------- every rank
@@ -266,6 +268,7 @@ def run_curvature(args, name, problem, model, batches, ctx, setup):
     print0(f"building {BUILDING[name]}...")
     t0 = time.perf_counter()
     op = utils.agree(ctx, lambda: build_operator(args, name, problem, model, batches, ctx))
+    setup["timings"]["setup_pass"] += time.perf_counter() - t0
     if "data" not in setup:
         setup["data"] = {
             "dataset": problem.data_name, "split": problem.hessian_split,
@@ -284,6 +287,7 @@ def run_curvature(args, name, problem, model, batches, ctx, setup):
                    tag=name if tagged else "")
     for analysis in selected(args):
         actx.results[analysis.name] = actx.timed(analysis, lambda a=analysis: a.run(actx))
+        setup["timings"]["products"] += actx.costs[analysis.name]["seconds"]
         for i, line in enumerate(analysis.summary(actx.results[analysis.name], actx)):
             print0(f"[{name}] {line}" if tagged and i == 0 else line)
     actx.operator_stats = op.stats()
@@ -296,6 +300,8 @@ def worker(ctx, args, plan):
     """One rank: load once, then per curvature build its operator and run the analyses; rank 0
     writes."""
     t_start = time.perf_counter()
+    timings = {"process_start": plan.started, "startup": time.time() - plan.started,
+               "data": None, "setup_pass": 0.0, "products": 0.0, "writing": None}
     torch.backends.cuda.matmul.allow_tf32 = args.tf32  # products stay float32 unless asked
     torch.backends.cudnn.allow_tf32 = args.tf32
     problem = plan.problem
@@ -307,15 +313,18 @@ def worker(ctx, args, plan):
         print0(f"warning: {num_batches} mini-batches for {ctx.world_size} ranks: "
                f"{ctx.world_size - num_batches} ranks hold no data; lower "
                "--mini-hessian-batch-size to use them")
-    setup = {"t": t_start, "num_batches": num_batches}
+    timings["data"] = time.perf_counter() - t_start
+    setup = {"t": t_start, "num_batches": num_batches, "timings": timings}
     ctxs = {name: run_curvature(args, name, problem, model, batches, ctx, setup)
             for name in args.curvature}
     if ctx.rank == 0:
-        write_results(args, plan, model, setup["data"], ctxs, ctx, t_start)
+        write_results(args, plan, model, setup["data"], ctxs, ctx, t_start, timings)
 
 
-def write_results(args, plan, model, data, ctxs, ctx, t_start):
-    """Rank 0: the side-by-side lines (several curvatures), results.json and every file."""
+def write_results(args, plan, model, data, ctxs, ctx, t_start, timings):
+    """Rank 0: the side-by-side lines (several curvatures), results.json and every file, then
+    the timing line (the phases of ``timings``, also in results.json)."""
+    t_writing = time.perf_counter()
     meta, problem = plan.meta, plan.problem
     op = next(iter(ctxs.values())).op
     analyses = selected(args)
@@ -325,17 +334,19 @@ def write_results(args, plan, model, data, ctxs, ctx, t_start):
                   "checkpoint": {k: meta.get(k) for k in (
                       "path", "source", "epoch", "test_accuracy")}}
     record = utils.run_record(args, ctx, op, model_info, data, analyses, ctxs, t_start)
+    record["timings"] = timings
     if len(ctxs) > 1:
         for line in utils.side_by_side(record):
             print0(line)
     note = f"this run's files had already been written to {args.output_dir}"
     written, removed, warnings = utils.write_outputs(
         args, record, analyses, ctxs, utils.output_files(REGISTRY, CURVATURES),
-        on_commit=lambda: ctx.committed(note))
+        on_commit=lambda: ctx.committed(note), writing_since=t_writing)
     for line in warnings:
         print0(line)
     print0("wrote " + ", ".join(written)
            + (f"; removed {', '.join(removed)} of an earlier run" if removed else ""))
+    print0(utils.timings_line(timings))
 
 
 # ---------------------------------------------------------------------------- main

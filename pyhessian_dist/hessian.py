@@ -6,8 +6,10 @@
     trace_samples = h.trace()
     eigen_list_full, weight_list_full = h.density(iter=100, n_v=1)
 
-Defaults reproduce PyHessian's algorithms (power iteration, Hutchinson, SLQ) and its use of
-torch's global random number generator, so repeated calls give different samples. When a
+Defaults reproduce PyHessian's algorithms for ``trace`` (Hutchinson) and ``density`` (SLQ) and
+its use of torch's global random number generator, so repeated calls give different samples;
+``eigenvalues`` runs Lanczos by default (PyHessian's power iteration: ``method="power"``), which
+needs fewer products and stops on a proven error bound (see its docstring). When a
 torch.distributed process group is initialised and each rank passes its own shard, every rank
 gets the numbers of the union of the shards. Keyword arguments that PyHessian code never passes
 give more: ``method="lanczos"``, ``which="SA"`` (most negative eigenvalues), the trace's
@@ -129,13 +131,17 @@ class hessian:  # noqa: N801 - the name PyHessian users import
                     method: str | None = None, which: str = "LA"):
         """Top ``top_n`` eigenvalues and eigenvectors (lists of per-parameter tensors).
 
-        ``method="power"`` (PyHessian's; up to maxIter products per eigenvalue; finds the
-        largest magnitude) or ``"lanczos"`` (up to maxIter products in all; stops on a relative
-        eigenvalue error bound <= tol). ``which``: "LA" largest (default), "SA" smallest (most
-        negative; Lanczos), "LM" largest magnitude. Default method: power for "LA", else Lanczos.
+        ``method="lanczos"`` (the default: up to maxIter products in all; stops when every
+        returned eigenvalue's relative error bound, from the Ritz residuals and gaps, is <= tol)
+        or ``"power"`` (PyHessian's exact algorithm: power iteration with deflation, up to
+        maxIter products per eigenvalue, stopping when an eigenvalue changes by less than tol
+        relatively; finds the largest magnitude). ``which``: "LA" largest (default), "SA"
+        smallest (most negative; Lanczos), "LM" largest magnitude. Lanczos needs fewer products
+        than power iteration for the same tol (bench/bench_facade.py) and its stopping rule is
+        a bound on the error, not a change between iterates.
         """
         op = self.operator
-        method = method or ("power" if which == "LA" else "lanczos")
+        method = method or "lanczos"
         if method == "power":
             if which == "SA":
                 raise ValueError("power iteration cannot find the smallest eigenvalues; pass "

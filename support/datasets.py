@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from support.errors import DataError, short_reason
@@ -93,21 +94,57 @@ def _check_normalization(normalization):
     return {"mean": mean, "std": std}
 
 
+class _ToNormalizedTensor:
+    """torchvision's ``Compose([ToTensor(), Normalize(mean, std)])`` in torch alone (the same
+    operations, so the same numbers), for a PIL image or an HxWxC uint8 array: the analysis of
+    the synthetic set then never imports torchvision (~1-3 s of start-up; measured with
+    cProfile)."""
+
+    def __init__(self, normalization):
+        self.mean = torch.tensor(normalization["mean"]).view(-1, 1, 1)
+        self.std = torch.tensor(normalization["std"]).view(-1, 1, 1)
+
+    def __call__(self, img):
+        arr = np.asarray(img, dtype=np.uint8)
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        t = torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+        return t.to(torch.get_default_dtype()).div(255).sub_(self.mean).div_(self.std)
+
+
+class _Pipeline:
+    """torchvision's pipeline: [Resize] + [RandomCrop + RandomHorizontalFlip when
+    ``augment``] + ToTensor + Normalize, built (importing torchvision) on its first call."""
+
+    def __init__(self, normalization, resize, image_size, augment):
+        self.normalization, self.resize = normalization, resize
+        self.image_size, self.augment = image_size, augment
+        self.pipeline = None
+
+    def _build(self):
+        from torchvision import transforms as T
+
+        n = self.image_size
+        head = [T.Resize((n, n))] if self.resize else []
+        aug = ([T.RandomCrop(n, padding=max(1, round(n / 8))), T.RandomHorizontalFlip()]
+               if self.augment else [])
+        norm = T.Normalize(self.normalization["mean"], self.normalization["std"])
+        return T.Compose(head + aug + [T.ToTensor(), norm])
+
+    def __call__(self, img):
+        if self.pipeline is None:
+            self.pipeline = self._build()
+        return self.pipeline(img)
+
+
 def _transforms(normalization, resize=False, image_size=32):
     """(augmented, plain) transform pipelines shared by every data set: with ``resize``, images
     are first resized to ``image_size`` x ``image_size``; the crop pads by image_size / 8
-    (4 pixels at 32, as the original)."""
-    from torchvision import transforms as T
-
-    norm = T.Normalize(normalization["mean"], normalization["std"])
-    head = [T.Resize((image_size, image_size))] if resize else []
-    pad = max(1, round(image_size / 8))
-    augmented = T.Compose(
-        head + [T.RandomCrop(image_size, padding=pad), T.RandomHorizontalFlip(), T.ToTensor(),
-                norm]
-    )
-    plain = T.Compose(head + [T.ToTensor(), norm])
-    return augmented, plain
+    (4 pixels at 32, as the original). torchvision is imported when an augmented (or resized)
+    image is first drawn."""
+    plain = (_Pipeline(normalization, True, image_size, False) if resize
+             else _ToNormalizedTensor(normalization))
+    return _Pipeline(normalization, resize, image_size, True), plain
 
 
 def _with_transform(dataset, transform):
@@ -166,9 +203,14 @@ def _synthetic_arrays(train, size):
     x = templates[labels].clone()
     flip = torch.rand(size, generator=g) < 0.5
     x[flip] = x[flip].flip(-1)
-    shifts = torch.randint(-4, 5, (size, 2), generator=g).tolist()
-    for i, (dy, dx) in enumerate(shifts):  # 5,000 rolls take ~50 ms
-        x[i] = torch.roll(x[i], shifts=(dy, dx), dims=(1, 2))
+    shifts = torch.randint(-4, 5, (size, 2), generator=g)
+    # each image rolled by its (dy, dx): out[.., i, j] = x[.., (i - dy) % 32, (j - dx) % 32]
+    # (torch.roll's indexing, gathered for all images at once)
+    pos = torch.arange(32)
+    rows = (pos[None, :] - shifts[:, :1]) % 32
+    cols = (pos[None, :] - shifts[:, 1:]) % 32
+    x = x[torch.arange(size)[:, None, None, None], torch.arange(3)[None, :, None, None],
+          rows[:, None, :, None], cols[:, None, None, :]]
     offset = torch.randint(1, SYNTHETIC_NUM_CLASSES, (size,), generator=g)
     other = (labels + offset) % SYNTHETIC_NUM_CLASSES
     w = SYNTHETIC_DISTRACTOR * torch.rand(size, 1, 1, 1, generator=g)
@@ -206,6 +248,8 @@ class SyntheticCIFAR(torch.utils.data.Dataset):
         return len(self.targets)
 
     def __getitem__(self, index):
+        if isinstance(self.transform, _ToNormalizedTensor):  # no PIL round trip needed
+            return self.transform(self.data[index]), self.targets[index]
         from PIL import Image
 
         img = Image.fromarray(self.data[index])

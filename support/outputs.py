@@ -142,14 +142,16 @@ class RunOutputs:
 
     def write_json(self, name: str, record: dict) -> None:
         """Write ``record`` as strict JSON (NaN/inf -> null); OutputError if it cannot be
-        written (whatever ``keep_partial``: the results are what a run is for)."""
+        written (whatever ``keep_partial``: the results are what a run is for). Writing a name
+        again replaces its staged copy."""
         text = json.dumps(json_safe(record), indent=1, allow_nan=False, default=str)
         try:
             with open(self._staged(name), "w") as fh:
                 fh.write(text + "\n")
         except OSError as exc:
             raise OutputError(self._message(name, exc)) from None
-        self.files.append(name)
+        if name not in self.files:
+            self.files.append(name)
 
     def write(self, names, make) -> None:
         """Call ``make(staged paths...)`` to write ``names``; a failure ends the run (or is a

@@ -27,8 +27,49 @@ import pyhessian_dist
 from support.figures import density_generate, plot_convergence, plot_esd_overlay
 from support.outputs import OutputError, RunOutputs, tagged_name
 
-__all__ = ["attention_line", "describe_device", "describe_setup", "gradient_norm",
-           "output_files", "run_record", "side_by_side", "write_outputs"]
+__all__ = ["PHASES", "attention_line", "describe_device", "describe_setup", "finish_timings",
+           "gradient_norm", "output_files", "process_start_time", "run_record", "side_by_side",
+           "timings_line", "write_outputs"]
+
+# The phases of an analysis run (results.json "timings", key -> words of the timing line):
+# startup: from the launching process's start (as the OS records it: the interpreter, imports,
+#   parsing, checking the problem, starting the workers) to rank 0's worker start;
+# data: loading the model and this rank's Hessian mini-batches (rank 0);
+# setup_pass: building the operators (the first-order pass over the samples), every curvature;
+# products: the analyses' runs (their products and the linear algebra between them);
+# writing: building the record and staging every output file (figures included) before the
+#   commit moves them into place.
+PHASES = (("startup", "start-up"), ("data", "data"), ("setup_pass", "set-up pass"),
+          ("products", "products"), ("writing", "writing"))
+
+
+def process_start_time() -> float:
+    """``time.time()`` at this process's start (Linux: /proc/self/stat, 10 ms ticks), or now
+    where that is unknown."""
+    try:
+        with open("/proc/self/stat") as fh:
+            ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as fh:
+            uptime = float(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return time.time()
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def finish_timings(timings: dict) -> dict:
+    """Fill in ``total`` (seconds from ``process_start``, a ``time.time()``, to now) and
+    ``other`` (what no phase holds: printing, the loss line, waits between phases)."""
+    timings["total"] = time.time() - timings["process_start"]
+    timings["other"] = timings["total"] - sum(timings.get(key) or 0.0 for key, _ in PHASES)
+    return timings
+
+
+def timings_line(timings: dict) -> str:
+    """``timings: start-up 2.1 s, data 0.4 s, ...; other 0.1 s; total 30.2 s`` (PHASES)."""
+    parts = [f"{words} {timings[key]:.1f} s" for key, words in PHASES
+             if timings.get(key) is not None]
+    return (f"timings: {', '.join(parts)}; other {timings['other']:.1f} s; total "
+            f"{timings['total']:.1f} s")
 
 
 def gradient_norm(op) -> float:
@@ -111,14 +152,16 @@ def output_files(analyses, tags=()) -> tuple:
     return files + tuple(tagged_name(f, t) for t in tags for f in files[1:])
 
 
-def write_outputs(args, record, analyses, ctxs, files, on_commit=None
+def write_outputs(args, record, analyses, ctxs, files, on_commit=None, writing_since=None
                   ) -> tuple[list[str], list[str], list[str]]:
     """Stage results.json, then each analysis's files and the convergence figure of the panels
     the analyses contribute (per curvature, tagged with its name when there are several, then
     the overlaid ESDs), and commit them together in --output-dir, which manages ``files``
     (stale ones of an earlier run are removed; ``on_commit()`` once they are in place); returns
     (written paths, stale files removed, warnings). A file that cannot be written is an
-    OutputError and nothing is replaced, unless --keep-partial-outputs (then a warning)."""
+    OutputError and nothing is replaced, unless --keep-partial-outputs (then a warning).
+    With ``record["timings"]``, results.json is staged again before the commit with its
+    ``writing`` (seconds since ``writing_since``, a perf_counter) and ``total`` filled in."""
     with RunOutputs(args.output_dir, files, getattr(args, "keep_partial_outputs", False),
                     on_commit) as out:
         out.write_json("results.json", record)
@@ -129,6 +172,11 @@ def write_outputs(args, record, analyses, ctxs, files, on_commit=None
         if several and any("density" in c.results for c in ctxs.values()):
             out.write(("example.pdf", "example.png"),
                       lambda pdf, png: _esd_overlay(record["results"], pdf, png))
+        timings = record.get("timings")
+        if timings is not None and writing_since is not None:
+            timings["writing"] = time.perf_counter() - writing_since
+            finish_timings(timings)
+            out.write_json("results.json", record)
         written, removed = out.commit()
     return [os.path.relpath(p) if not os.path.isabs(args.output_dir) else p
             for p in written], removed, out.warnings

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import utils
 from problems import image_record
 from support.checkpoints import save_checkpoint
 
@@ -84,6 +85,18 @@ def test_results_json_and_files(single):
     # it says what it is doing before the first product
     assert text.index("loading the model") < text.index("building the Hessian operator") \
         < text.index("[eigenvalue]")
+    # the timing line ends the output, with the numbers of results.json's "timings"
+    timings = record["timings"]
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("timings: start-up ")
+    for key, words in utils.PHASES + (("other", "other"), ("total", "total")):
+        assert timings[key] >= 0 or key == "other"
+        assert f"{words} {timings[key]:.1f} s" in last
+    phases = sum(timings[key] for key, _ in utils.PHASES)
+    assert timings["total"] == pytest.approx(phases + timings["other"])
+    assert abs(timings["other"]) < 0.1 * timings["total"] + 1.0
+    assert timings["products"] == pytest.approx(sum(c["seconds"]
+                                                    for c in record["costs"].values()))
 
 
 @pytest.mark.slow

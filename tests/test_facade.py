@@ -36,7 +36,8 @@ def flat(tensors):
 def test_eigenvalues_power_and_lanczos_match_eigvalsh():
     h, H = build(seed=5)
     exact = torch.linalg.eigvalsh(H).flip(0)
-    vals, vecs = h.eigenvalues(top_n=2, maxIter=60, tol=1e-5)
+    vals, vecs = h.eigenvalues(top_n=2, maxIter=60, tol=1e-5, method="power")
+    assert h.last_result.method == "power"
     # power iteration finds the largest magnitudes; this Hessian's are its top two
     assert vals == pytest.approx(exact[:2].tolist(), rel=2e-2)
     assert len(vecs) == 2 and [t.shape for t in vecs[0]] == [p.shape for p in h.params]
@@ -45,6 +46,22 @@ def test_eigenvalues_power_and_lanczos_match_eigvalsh():
     v = flat(lvecs[0])
     assert torch.linalg.norm(H @ v - lvals[0] * v) < 1e-5 * abs(lvals[0])
     assert h.last_result.method == "lanczos" and h.last_result.converged
+
+
+def test_default_eigenvalues_are_lanczos_within_its_bound():
+    """PyHessian's call ``eigenvalues(top_n=2)`` runs Lanczos: its relative error bound <= tol
+    holds against eigvalsh, in fewer products than power iteration needs at the same tol."""
+    h, H = build(seed=5)
+    exact = torch.linalg.eigvalsh(H).flip(0)
+    vals, vecs = h.eigenvalues(top_n=2, tol=1e-6)
+    res = h.last_result
+    assert res.method == "lanczos" and res.converged
+    assert isinstance(vals, list) and all(isinstance(v, float) for v in vals)
+    assert [t.shape for t in vecs[1]] == [p.shape for p in h.params]
+    for v, e, bound in zip(vals, exact[:2].tolist(), res.error_bounds):
+        assert bound <= 1e-6 and abs(v - e) <= bound * abs(e) + 1e-12
+    h.eigenvalues(top_n=2, tol=1e-6, method="power")
+    assert res.num_matvecs < h.last_result.num_matvecs
 
 
 def test_smallest_eigenvalues_with_which_SA():

