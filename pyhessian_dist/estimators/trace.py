@@ -16,8 +16,9 @@ import torch
 
 from ..operators import LinearOperator
 from ..results import Callback, DiagonalResult, Step, TraceResult
-from ._common import apply, emit, rademacher, resolve_generator, standard_error
+from ._common import F64, apply, emit, rademacher, resolve_generator, standard_error
 from .lanczos import Lanczos, lanczos_step
+from .sampling import GroupTally
 
 __all__ = ["KrylovDeflation", "hutchinson_trace", "hutchpp_trace"]
 
@@ -90,6 +91,7 @@ def hutchinson_trace(op: LinearOperator, *, max_iter: int = 100, tol: float | No
                      rse: float | None = None, min_probes: int = 10, block_size: int = 1,
                      deflate: int | str = 0, max_deflation_steps: int = 50,
                      groups: Sequence | None = None, diagonal: bool = False,
+                     sampling_groups: int | None = None,
                      generator: torch.Generator | None = None,
                      callback: Callback | None = None) -> TraceResult:
     """Hutchinson's estimator tr(A) ~ (1/n) sum_j z_j^T A z_j (Rademacher z_j), optionally
@@ -112,6 +114,13 @@ def hutchinson_trace(op: LinearOperator, *, max_iter: int = 100, tol: float | No
     group g is ``sum_{i in g} c_i`` with ``c = (Pz) * (A P z) + diag(A Q^T Q)``, whose mean
     estimates ``tr`` of A's diagonal block of g. ``diagonal=True`` also returns the mean of
     ``c`` (Hutchinson's diagonal estimator, Bekas et al. 2007) with elementwise standard errors.
+
+    ``sampling_groups`` G (``op`` a ModelOperator): also the sampling error by the jackknife
+    over G groups of mini-batches (``estimators.sampling``; ``result.sampling``): each probe
+    block is projected first (``P z``) and multiplied once with its products split by group
+    (``group_matmat``: same products, a G-times larger all-reduce); a deflated space's
+    per-group exact part costs its m products once more; 'auto' deflation's pilot probes are
+    not reused as probes (their products are not split by group).
     """
     _check_trace_arguments(max_iter, rse, tol)
     generator = resolve_generator(generator)
@@ -119,18 +128,34 @@ def hutchinson_trace(op: LinearOperator, *, max_iter: int = 100, tol: float | No
     deflation, pilot, used = _deflation_for(op, deflate, rse, max_iter, min_probes,
                                             max_deflation_steps, generator, history, callback)
     tally = _Tally(deflation, groups, diagonal)
+    split = None
+    if sampling_groups is not None:
+        split = GroupTally(op, sampling_groups, groups, diagonal)
+        pilot = None   # not split by group: drawn again as probes
+        if deflation is not None:
+            split.set_deflation(op, deflation.Q.to(op.device))
+            used += split.num_matvecs
     prev, rule = 0.0, None
     while tally.n < max_iter and rule is None:
+        Z = None
         if pilot is not None:  # the pilot probes are reused: their products are known
             (Z, AZ), pilot = pilot, None
-        else:
+        elif split is None:
             Z = rademacher((min(block_size, max_iter - tally.n), op.dim), generator, op.device)
             AZ = apply(op, Z)
             used += Z.shape[0]
-        for c in tally.contributions(Z, AZ):
+        else:  # project first, then one pass of per-group products
+            Z = rademacher((min(block_size, max_iter - tally.n), op.dim), generator, op.device)
+            Z = tally.project(Z)
+            parts = op.group_matmat(Z.to(op.dtype), split.G).to(F64)
+            AZ = parts.sum(dim=0)
+            used += Z.shape[0]
+        for i, c in enumerate(tally.contributions(Z, AZ, projected=split is not None)):
             if tally.n == max_iter:
                 break
             tally.add(c)
+            if split is not None:
+                split.add(Z[i], parts[:, i])
             emit(history, callback, Step(used, (tally.mean,), (tally.stderr,),
                                          "standard error", "probes"))
             rule = _stopping_rule(tally, rse, tol, min_probes, prev)
@@ -144,7 +169,8 @@ def hutchinson_trace(op: LinearOperator, *, max_iter: int = 100, tol: float | No
         converged=rule is not None, method="hutchinson" if deflation is None
         else "deflated hutchinson", stopping_rule=rule or "budget", history=history,
         deflation=info, group_samples=tally.group_samples(),
-        diagonal=tally.diagonal_result(used) if diagonal else None)
+        diagonal=tally.diagonal_result(used) if diagonal else None,
+        sampling=None if split is None else split.result(tally.mean, tally.stderr))
 
 
 def _check_trace_arguments(max_iter, rse, tol) -> None:
@@ -208,8 +234,15 @@ class _Tally:
     def stderr(self) -> float:
         return standard_error(self.samples)
 
-    def contributions(self, Z, AZ):
-        if self.deflation is not None:
+    def project(self, Z):
+        """P z for the rows of Z (no products); Z itself without deflation."""
+        if self.deflation is None:
+            return Z
+        return Z - (Z @ self.deflation.Q.T) @ self.deflation.Q
+
+    def contributions(self, Z, AZ, projected=False):
+        """The c of the probe rows: (Z, A Z), or (P Z, A P Z) when ``projected``."""
+        if self.deflation is not None and not projected:
             Z, AZ = self.deflation.project(Z, AZ)
         return Z * AZ if self.base is None else Z * AZ + self.base
 
