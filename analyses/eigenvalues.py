@@ -9,6 +9,7 @@ from support.cli import positive_int
 from support.errors import UserError
 from support.figures import Panel, RunPoints, Series, is_number
 
+from . import sampling
 from .base import Analysis, fmt_values
 
 
@@ -47,16 +48,22 @@ class TopEigenvalues(Analysis):
         a, op = ctx.args, ctx.op
         k, _ = self.wanted(a, ctx.asked(self))
         if a.eigen_method == "lanczos":
-            return lanczos_eigenpairs(op, k, max_steps=a.max_iter, tol=a.tol,
-                                      generator=ctx.generator(self),
-                                      callback=ctx.progress("eigenvalue"))
-        return power_iteration_eigenpairs(op, k, max_iter=a.max_iter, tol=a.tol,
-                                          generator=ctx.generator(self),
-                                          callback=ctx.progress("eigenvalue"))
+            r = lanczos_eigenpairs(op, k, max_steps=a.max_iter, tol=a.tol,
+                                   generator=ctx.generator(self),
+                                   callback=ctx.progress("eigenvalue"))
+        else:
+            r = power_iteration_eigenpairs(op, k, max_iter=a.max_iter, tol=a.tol,
+                                           generator=ctx.generator(self),
+                                           callback=ctx.progress("eigenvalue"))
+        return sampling.run_eigen(r, ctx, self)
 
     def summary(self, r, ctx):
-        return [f"***Top Eigenvalues:  {list(r.eigenvalues)}",
-                f"    {r.method}, {ctx.cost_line(self)}, {stopping_note(r, ctx.args.tol)}"]
+        lines = [f"***Top Eigenvalues:  {list(r.eigenvalues)}",
+                 f"    {r.method}, {ctx.cost_line(self)}, {stopping_note(r, ctx.args.tol)}"]
+        return lines + (sampling.eigen_lines(r, ctx, "λ") if r.sampling else [])
+
+    def to_json(self, r, ctx):
+        return sampling.eigen_json(r.to_dict(), r)
 
     def convergence(self, entry):
         """Each eigenvalue estimate against the products."""

@@ -78,6 +78,7 @@ class DiagonalResult:
     num_probes: int
     num_matvecs: int
     method: str = "hutchinson"
+    sampling_stderr: torch.Tensor | None = None
 
     def to_dict(self) -> dict:
         """Plain, strictly JSON-safe data (no tensors; NaN/inf as None)."""
@@ -108,6 +109,7 @@ class EigenResult:
     error_bounds: list = field(default_factory=list)
     history: list = field(default_factory=list)
     products: torch.Tensor | None = None
+    sampling: SamplingError | None = None
 
     def to_dict(self) -> dict:
         """Plain, strictly JSON-safe data (no tensors; NaN/inf as None)."""
