@@ -89,12 +89,22 @@ class TopEigenvalues(Analysis):
                 text += f" (rel. residual {bound:.1e})"
             else:
                 text += f" ± {abs(lam) * bound:.2g}"
+        se = (entry.get("sampling_stderr") or [None])[0]
+        if is_number(se):
+            text += f" ± {se:.2g} sampling"
         return (text + ("" if entry.get("converged") is not False else " *"),)
 
     def compare_item(self, entry, results):
-        """(eigenvalue, absolute error = relative bound x |eigenvalue|) points."""
-        return [(v, abs(v) * b if b is not None else 0.0)
-                for v, b in zip(*_values_and_bounds(entry)) if v is not None]
+        """(eigenvalue, absolute error = relative bound x |eigenvalue|[, sampling s.e.])
+        points."""
+        sampled = entry.get("sampling_stderr") or []
+        out = []
+        for i, (v, b) in enumerate(zip(*_values_and_bounds(entry))):
+            if v is not None:
+                point = (v, abs(v) * b if b is not None else 0.0)
+                se = sampled[i] if i < len(sampled) else None
+                out.append(point + ((float(se),) if is_number(se) else ()))
+        return out
 
 
 def _values_and_bounds(entry) -> tuple[list, list]:

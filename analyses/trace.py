@@ -138,11 +138,15 @@ class Trace(Analysis):
         if stderr is not None:
             rel = f" ({100 * stderr / abs(trace):.1f}%)" if trace else ""
             text += f" ± {stderr:.3g}{rel}"
+        if is_number(entry.get("sampling_stderr")):
+            text += f" ± {entry['sampling_stderr']:.3g} sampling"
         return (text + ("" if entry.get("converged") is not False else " *"),)
 
     def compare_item(self, entry, results):
         trace, stderr = _trace_and_stderr(entry)
-        return [] if trace is None else [(trace, stderr or 0.0)]
+        se = entry.get("sampling_stderr")
+        return [] if trace is None else [(trace, stderr or 0.0)
+                                         + ((float(se),) if is_number(se) else ())]
 
 
 def _trace_and_stderr(entry) -> tuple:
