@@ -41,16 +41,17 @@ def check(args, selection) -> None:
     if g < 2:
         raise UserError(f"--sampling-error {g}: the jackknife needs at least 2 groups of "
                         "mini-batches; pass --sampling-error 2 or more (e.g. 10)")
-    batches = math.ceil(args.hessian_batch_size / args.mini_hessian_batch_size)
-    if g > batches:
-        raise UserError(
-            f"--sampling-error {g} needs at least {g} mini-batches; --hessian-batch-size "
-            f"{args.hessian_batch_size} in mini-batches of {args.mini_hessian_batch_size} "
-            f"makes {batches}: pass --sampling-error {batches} or less, or a smaller "
-            "--mini-hessian-batch-size")
     if not selection.names & set(APPLIES):
         raise UserError(f"--sampling-error applies to {', '.join(APPLIES.values())}; pass "
                         "one of them, or drop --sampling-error")
+    batches = math.ceil(args.hessian_batch_size / args.mini_hessian_batch_size)
+    if g > batches:
+        fewer = f"--sampling-error {batches} or less, or " if batches >= 2 else ""
+        raise UserError(
+            f"--sampling-error {g} needs at least {g} mini-batches (a group never splits one); "
+            f"--hessian-batch-size {args.hessian_batch_size} in mini-batches of "
+            f"{args.mini_hessian_batch_size} makes {batches}: pass {fewer}"
+            f"--mini-hessian-batch-size {max(1, args.hessian_batch_size // g)} or less")
     if "trace" in selection.names and args.trace_method == "hutchpp":
         raise UserError("--sampling-error splits the probes of the Hutchinson trace by group; "
                         "pass --trace-method deflated or hutchinson, not hutchpp")
