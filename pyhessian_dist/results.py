@@ -71,7 +71,8 @@ def _history(steps) -> list:
 @dataclass
 class DiagonalResult:
     """Hutchinson's diagonal estimate: ``diagonal`` and its elementwise standard error, both
-    ``(dim,)`` float64, from ``num_probes`` Rademacher probes."""
+    ``(dim,)`` float64, from ``num_probes`` Rademacher probes; ``sampling_stderr`` (dim,): the
+    elementwise jackknife standard error for another sample (``sampling_groups``), if asked."""
 
     diagonal: torch.Tensor
     stderr: torch.Tensor
