@@ -82,14 +82,14 @@ def eigen_lines(r, ctx, symbol: str) -> list[str]:
     return lines + advice(min(ratios), ctx.args)
 
 
-def advice(ratio: float, args) -> list[str]:
+def advice(ratio: float, args, knob: str = "--tol") -> list[str]:
     """The advice line when the sampling s.e. is DOMINANT times the algorithm's error or more."""
     if not ratio >= DOMINANT:
         return []
     n = args.hessian_batch_size
     return [f"    note: the sampling error is {ratio:.0f}x the algorithm's: the sample, not the "
             f"algorithm, limits these numbers; the s.e. falls like 1/sqrt(N): --hessian-batch-"
-            f"size {4 * n} would halve it, and a looser --tol would save products"]
+            f"size {4 * n} would halve it, and a looser {knob} would save products"]
 
 
 def eigen_json(out: dict, r) -> dict:

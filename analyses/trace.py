@@ -106,7 +106,8 @@ class Trace(Analysis):
         lines = [f"    trace = {r.trace:.6g} ± {probe} probe s.e. ± {s.stderr[0]:.3g} sampling "
                  f"s.e. (together ± {s.total_stderr[0]:.3g}; "
                  f"{sampling.setup_phrase(s, ctx.product_label)})"]
-        return lines + sampling.advice(s.stderr[0] / r.stderr if r.stderr else 0.0, ctx.args)
+        ratio = s.stderr[0] / r.stderr if r.stderr else 0.0
+        return lines + sampling.advice(ratio, ctx.args, "--trace-rse")
 
     def to_json(self, r, ctx):
         out = r.to_dict()
