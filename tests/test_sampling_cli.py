@@ -100,3 +100,23 @@ def test_script_end_to_end_on_two_ranks(checkpoint, tmp_path):
         assert r["trace"]["sampling_stderr"] > 0
     assert torch.isfinite(torch.tensor(record["results"]["hessian"]["eigenvalue"]
                                        ["sampling_bias"])).all()
+
+
+@pytest.mark.slow
+def test_validation_benchmark_runs_small(checkpoint, tmp_path):
+    import subprocess
+    import sys
+
+    from test_analysis import ROOT
+
+    out = tmp_path / "sampling.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.bench_sampling", "--checkpoint",
+                           checkpoint, "--dataset", "synthetic", "--draws", "3", "--samples",
+                           "12", "--mini-batch", "3", "--groups", "4", "--large", "24",
+                           "--probes", "2", "--threads", "1", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert len(record["draws"]) == 3 and record["summary"]["draws"] == 3
+    assert record["summary"]["lambda_1_spread_ratio"] > 0
+    assert "bias_ratio" in record["summary"] and "| bias_ratio |" in proc.stdout
