@@ -35,7 +35,7 @@ import torch
 
 import pyhessian_dist
 import utils
-from analyses import REGISTRY, Context, ModelFacts, selected
+from analyses import REGISTRY, Context, ModelFacts, sampling, selected
 from problems import (
     BUILTIN_FLAGS,
     analysis_problem,
@@ -121,6 +121,7 @@ def add_shared_options(p):
     p.add_argument("--hvp-mode", choices=pyhessian_dist.HVP_MODES, default="double_backward",
                    help="how a Hessian-vector product is computed")
     utils.add_bool_flag(p, "tf32", False, "allow TF32 on GPUs (faster, ~1e-3 relative error)")
+    sampling.add_option(p)  # --sampling-error G (analyses/sampling.py)
 
 
 def _add_problem_flags(p):
@@ -172,6 +173,7 @@ def validate(args) -> Plan:
     analyses = selected(args)
     for analysis in analyses:
         analysis.check(args, analyses)
+    sampling.check(args, analyses)
     earlier = utils.check_output_dir(args.output_dir, utils.output_files(REGISTRY, CURVATURES))
     stale = utils.remove_stale_staging(args.output_dir)
     if stale:

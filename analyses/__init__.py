@@ -1,5 +1,6 @@
 """The analyses the script can run, in the order they run: adding one is a new module here
 with an ``Analysis`` subclass (see ``base``) and one line in ``REGISTRY``."""
+from . import sampling
 from .base import Analysis, Context, ModelFacts, Request, Selection
 from .block_spectra import BlockSpectra
 from .bottom import BottomEigenvalues
@@ -24,7 +25,7 @@ REGISTRY: list[Analysis] = [
 ]
 
 __all__ = ["REGISTRY", "Analysis", "Context", "ModelFacts", "Request", "Selection", "by_name",
-           "selected"]
+           "sampling", "selected"]
 
 
 def by_name(name: str) -> Analysis:

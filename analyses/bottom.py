@@ -4,6 +4,7 @@ from __future__ import annotations
 from pyhessian_dist import lanczos_eigenpairs
 from support.cli import nonnegative_int
 
+from . import sampling
 from .base import Analysis
 from .eigenvalues import check_count, check_steps, stopping_note
 
@@ -28,11 +29,16 @@ class BottomEigenvalues(Analysis):
 
     def run(self, ctx):
         a = ctx.args
-        return lanczos_eigenpairs(ctx.op, a.bottom_n, which="SA", max_steps=a.max_iter,
-                                  tol=a.tol, generator=ctx.generator(self),
-                                  callback=ctx.progress("bottom"))
+        r = lanczos_eigenpairs(ctx.op, a.bottom_n, which="SA", max_steps=a.max_iter,
+                               tol=a.tol, generator=ctx.generator(self),
+                               callback=ctx.progress("bottom"))
+        return sampling.run_eigen(r, ctx, self)
 
     def summary(self, r, ctx):
-        return [f"***Bottom Eigenvalues:  {list(r.eigenvalues)}",
-                f"    lanczos (smallest algebraic), {ctx.cost_line(self)}, "
-                f"{stopping_note(r, ctx.args.tol)}"]
+        lines = [f"***Bottom Eigenvalues:  {list(r.eigenvalues)}",
+                 f"    lanczos (smallest algebraic), {ctx.cost_line(self)}, "
+                 f"{stopping_note(r, ctx.args.tol)}"]
+        return lines + (sampling.eigen_lines(r, ctx, "λ_min,") if r.sampling else [])
+
+    def to_json(self, r, ctx):
+        return sampling.eigen_json(r.to_dict(), r)

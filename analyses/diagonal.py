@@ -20,7 +20,11 @@ class Diagonal(Analysis):
         return [self.ask("trace", "diagonal")]
 
     def run(self, ctx):
-        return ctx.results["trace"].diagonal
+        trace = ctx.results["trace"]
+        d = trace.diagonal
+        if trace.sampling is not None:
+            d.sampling_stderr = trace.sampling.diagonal_stderr
+        return d
 
     def _per_group(self, d, ctx):
         rows = []
@@ -30,23 +34,34 @@ class Diagonal(Analysis):
                          "sum": float(values.sum()), "mean": float(values.mean()),
                          "min": float(values.min()), "max": float(values.max()),
                          "mean_stderr": float(se.mean()),
+                         **({} if d.sampling_stderr is None else {"mean_sampling_stderr": float(
+                             d.sampling_stderr[g.index].mean())}),
                          "negative_share": float((values < 0).double().mean())})
         return rows
 
     def summary(self, d, ctx):
         rows = self._per_group(d, ctx)
         width = max(len(r["name"]) for r in rows)
+        sampled = d.sampling_stderr is not None
         lines = [f"***Diagonal: from {d.num_probes} probes (those of the trace; no extra "
                  "HVPs); per group:",
                  f"    {'group':<{width}}  {'mean':>10}  {'min':>10}  {'max':>10}  "
-                 f"{'mean s.e.':>10}"]
+                 f"{'mean s.e.':>10}" + (f"  {'sampling':>10}" if sampled else "")]
         for r in rows:
             lines.append(f"    {r['name']:<{width}}  {r['mean']:>10.3g}  {r['min']:>10.3g}  "
-                         f"{r['max']:>10.3g}  {r['mean_stderr']:>10.3g}")
+                         f"{r['max']:>10.3g}  {r['mean_stderr']:>10.3g}"
+                         + (f"  {r['mean_sampling_stderr']:>10.3g}" if sampled else ""))
+        if sampled:
+            lines.append("    (mean s.e.: the probes'; sampling: the mean elementwise jackknife "
+                         "s.e. for another sample, with the same probes)")
         return lines
 
     def to_json(self, d, ctx):
-        return {**d.to_dict(), "file": "hessian_diagonal.pt", "per_group": self._per_group(d, ctx)}
+        out = {**d.to_dict(), "file": "hessian_diagonal.pt",
+               "per_group": self._per_group(d, ctx)}
+        if d.sampling_stderr is not None:
+            out["sampling_stderr_mean"] = float(d.sampling_stderr.mean())
+        return out
 
     def write(self, d, ctx, outputs):
         op = ctx.op
@@ -56,6 +71,11 @@ class Diagonal(Analysis):
                        for name, t in zip(op.param_names, op.to_list(d.diagonal.to(op.device)))}
             stderr = {name: t.detach().to("cpu", torch.float64).clone()
                       for name, t in zip(op.param_names, op.to_list(d.stderr.to(op.device)))}
-            torch.save({"diagonal": tensors, "stderr": stderr, "num_probes": d.num_probes}, path)
+            saved = {"diagonal": tensors, "stderr": stderr, "num_probes": d.num_probes}
+            if d.sampling_stderr is not None:
+                saved["sampling_stderr"] = {
+                    name: t.detach().to("cpu", torch.float64).clone() for name, t in
+                    zip(op.param_names, op.to_list(d.sampling_stderr.to(op.device, op.dtype)))}
+            torch.save(saved, path)
 
         outputs.write("hessian_diagonal.pt", save)

@@ -9,6 +9,7 @@ from support.cli import positive_int
 from support.errors import UserError
 from support.figures import Panel, RunPoints, Series, is_number
 
+from . import sampling
 from .base import Analysis, fmt_values
 
 
@@ -47,16 +48,22 @@ class TopEigenvalues(Analysis):
         a, op = ctx.args, ctx.op
         k, _ = self.wanted(a, ctx.asked(self))
         if a.eigen_method == "lanczos":
-            return lanczos_eigenpairs(op, k, max_steps=a.max_iter, tol=a.tol,
-                                      generator=ctx.generator(self),
-                                      callback=ctx.progress("eigenvalue"))
-        return power_iteration_eigenpairs(op, k, max_iter=a.max_iter, tol=a.tol,
-                                          generator=ctx.generator(self),
-                                          callback=ctx.progress("eigenvalue"))
+            r = lanczos_eigenpairs(op, k, max_steps=a.max_iter, tol=a.tol,
+                                   generator=ctx.generator(self),
+                                   callback=ctx.progress("eigenvalue"))
+        else:
+            r = power_iteration_eigenpairs(op, k, max_iter=a.max_iter, tol=a.tol,
+                                           generator=ctx.generator(self),
+                                           callback=ctx.progress("eigenvalue"))
+        return sampling.run_eigen(r, ctx, self)
 
     def summary(self, r, ctx):
-        return [f"***Top Eigenvalues:  {list(r.eigenvalues)}",
-                f"    {r.method}, {ctx.cost_line(self)}, {stopping_note(r, ctx.args.tol)}"]
+        lines = [f"***Top Eigenvalues:  {list(r.eigenvalues)}",
+                 f"    {r.method}, {ctx.cost_line(self)}, {stopping_note(r, ctx.args.tol)}"]
+        return lines + (sampling.eigen_lines(r, ctx, "λ") if r.sampling else [])
+
+    def to_json(self, r, ctx):
+        return sampling.eigen_json(r.to_dict(), r)
 
     def convergence(self, entry):
         """Each eigenvalue estimate against the products."""
@@ -82,12 +89,22 @@ class TopEigenvalues(Analysis):
                 text += f" (rel. residual {bound:.1e})"
             else:
                 text += f" ± {abs(lam) * bound:.2g}"
+        se = (entry.get("sampling_stderr") or [None])[0]
+        if is_number(se):
+            text += f" ± {se:.2g} sampling"
         return (text + ("" if entry.get("converged") is not False else " *"),)
 
     def compare_item(self, entry, results):
-        """(eigenvalue, absolute error = relative bound x |eigenvalue|) points."""
-        return [(v, abs(v) * b if b is not None else 0.0)
-                for v, b in zip(*_values_and_bounds(entry)) if v is not None]
+        """(eigenvalue, absolute error = relative bound x |eigenvalue|[, sampling s.e.])
+        points."""
+        sampled = entry.get("sampling_stderr") or []
+        out = []
+        for i, (v, b) in enumerate(zip(*_values_and_bounds(entry))):
+            if v is not None:
+                point = (v, abs(v) * b if b is not None else 0.0)
+                se = sampled[i] if i < len(sampled) else None
+                out.append(point + ((float(se),) if is_number(se) else ()))
+        return out
 
 
 def _values_and_bounds(entry) -> tuple[list, list]:

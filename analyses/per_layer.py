@@ -35,12 +35,15 @@ class PerLayer(Analysis):
                                           tol=ctx.args.per_layer_tol,
                                           generator=ctx.generator(self),
                                           callback=ctx.progress("per-layer", every=20))
-        traces, stderrs = ctx.results["trace"].group_traces()
+        trace = ctx.results["trace"]
+        traces, stderrs = trace.group_traces()
+        sampled = trace.sampling.group_stderr if trace.sampling is not None else None
         rows = []
-        for g, b, t, se in zip(groups, blocks, traces, stderrs):
+        for i, (g, b, t, se) in enumerate(zip(groups, blocks, traces, stderrs)):
             rows.append({"name": g.name, "parameters": list(g.parameters),
                          "num_parameters": g.num_parameters, "trace": t,
                          "trace_stderr": se if not math.isnan(se) else None,
+                         **({} if sampled is None else {"trace_sampling_stderr": sampled[i]}),
                          "trace_per_parameter": t / g.num_parameters,
                          "top_eigenvalue": b.eigenvalues[0],
                          "top_eigenvalue_error_bound": b.error_bounds[0],
@@ -53,13 +56,17 @@ class PerLayer(Analysis):
         probes = len(ctx.results["trace"].samples)
         head = (f"***Per-layer ({ctx.args.group_by}; traces from the {probes} trace probes, "
                 f"top eigenvalues by block Lanczos: {ctx.cost_line(self)})")
-        lines = [head, f"    {'group':<{width}}  {'params':>9}  {'trace ± s.e.':>22}  "
+        sampled = "trace_sampling_stderr" in rows[0]
+        extra = f"  {'± sampling':>10}" if sampled else ""
+        lines = [head, f"    {'group':<{width}}  {'params':>9}  {'trace ± s.e.':>22}{extra}  "
                        f"{'trace/param':>11}  {'top eigenvalue':>14}"]
         for r in rows:
             se = f"{r['trace_stderr']:.3g}" if r["trace_stderr"] is not None else "n/a"
             flag = "" if r["top_eigenvalue_converged"] else " (not converged)"
+            samp = f"  {r['trace_sampling_stderr']:>10.3g}" if sampled else ""
             lines.append(f"    {r['name']:<{width}}  {r['num_parameters']:>9,}  "
-                         f"{r['trace']:>12.5g} ± {se:<7}  {r['trace_per_parameter']:>11.3g}  "
+                         f"{r['trace']:>12.5g} ± {se:<7}{samp}  "
+                         f"{r['trace_per_parameter']:>11.3g}  "
                          f"{r['top_eigenvalue']:>14.6g}{flag}")
         total = sum(r["trace"] for r in rows)
         lines.append(f"    sum of the group traces {total:.6g} = the trace estimate "

@@ -14,6 +14,7 @@ from support.cli import nonnegative_float
 from support.errors import UserError
 from support.figures import Panel, RunPoints, Series, is_number
 
+from . import sampling
 from .base import Analysis
 
 
@@ -79,6 +80,7 @@ class Trace(Analysis):
         return hutchinson_trace(op, max_iter=a.max_iter, tol=a.tol, rse=a.trace_rse or None,
                                 deflate=deflate, max_deflation_steps=cap, groups=groups,
                                 diagonal="diagonal" in needs,
+                                sampling_groups=sampling.groups(a),
                                 block_size=1 if not a.trace_rse else 4,
                                 generator=ctx.generator(self), callback=progress)
 
@@ -92,14 +94,29 @@ class Trace(Analysis):
                    f"({d['exact_part']:.6g}), the rest from the probes")
         state = (f"converged: {r.stopping_rule}" if r.converged else
                  f"NOT converged ({r.stopping_rule}; the error bar is still honest)")
-        return [f"***Trace:  {r.trace:.6g} ± {se} (1 standard error, {rel}; "
-                f"{len(r.samples)} probes)",
-                f"    {how}; {ctx.cost_line(self)}; {state}"]
+        lines = [f"***Trace:  {r.trace:.6g} ± {se} (1 standard error, {rel}; "
+                 f"{len(r.samples)} probes)",
+                 f"    {how}; {ctx.cost_line(self)}; {state}"]
+        return lines + (self._sampling_lines(r, ctx) if r.sampling is not None else [])
+
+    def _sampling_lines(self, r, ctx):
+        """Both errors side by side, their sum in quadrature, and the advice."""
+        s = r.sampling
+        probe = f"{r.stderr:.3g}" if r.stderr == r.stderr else "n/a"
+        lines = [f"    trace = {r.trace:.6g} ± {probe} probe s.e. ± {s.stderr[0]:.3g} sampling "
+                 f"s.e. (together ± {s.total_stderr[0]:.3g}; "
+                 f"{sampling.setup_phrase(s, ctx.product_label)})"]
+        ratio = s.stderr[0] / r.stderr if r.stderr else 0.0
+        return lines + sampling.advice(ratio, ctx.args, "--trace-rse")
 
     def to_json(self, r, ctx):
         out = r.to_dict()
         if r.group_samples is not None:
             out["group_by"] = ctx.args.group_by
+        if r.sampling is not None:
+            out["sampling_stderr"] = r.sampling.stderr[0]
+            out["sampling_total_stderr"] = r.sampling.total_stderr[0]
+            out["sampling"] = {k: v for k, v in r.sampling.to_dict().items() if k != "bias"}
         return out
 
     def convergence(self, entry):
@@ -122,11 +139,15 @@ class Trace(Analysis):
         if stderr is not None:
             rel = f" ({100 * stderr / abs(trace):.1f}%)" if trace else ""
             text += f" ± {stderr:.3g}{rel}"
+        if is_number(entry.get("sampling_stderr")):
+            text += f" ± {entry['sampling_stderr']:.3g} sampling"
         return (text + ("" if entry.get("converged") is not False else " *"),)
 
     def compare_item(self, entry, results):
         trace, stderr = _trace_and_stderr(entry)
-        return [] if trace is None else [(trace, stderr or 0.0)]
+        se = entry.get("sampling_stderr")
+        return [] if trace is None else [(trace, stderr or 0.0)
+                                         + ((float(se),) if is_number(se) else ())]
 
 
 def _trace_and_stderr(entry) -> tuple:

@@ -20,8 +20,10 @@ from .density import gaussian_density, jensen_shannon_distance, spectral_js_dist
 from .distributed import get_rank, get_world_size, print0
 from .estimators import (
     KrylovDeflation,
+    eigenvalue_sampling_error,
     hutchinson_trace,
     hutchpp_trace,
+    jackknife,
     lanczos_eigenpairs,
     lanczos_group_eigenpairs,
     power_iteration_eigenpairs,
@@ -43,7 +45,14 @@ from .operators import (
     ModelOperator,
     available_memory_bytes,
 )
-from .results import DensityResult, DiagonalResult, EigenResult, Step, TraceResult
+from .results import (
+    DensityResult,
+    DiagonalResult,
+    EigenResult,
+    SamplingError,
+    Step,
+    TraceResult,
+)
 
 __version__ = "0.2.0"
 
@@ -61,17 +70,20 @@ __all__ = [
     "KrylovDeflation",
     "LinearOperator",
     "ModelOperator",
+    "SamplingError",
     "Step",
     "TraceResult",
     "__version__",
     "available_memory_bytes",
     "batch_size",
+    "eigenvalue_sampling_error",
     "gaussian_density",
     "get_rank",
     "get_world_size",
     "hessian",
     "hutchinson_trace",
     "hutchpp_trace",
+    "jackknife",
     "jensen_shannon_distance",
     "lanczos_eigenpairs",
     "lanczos_group_eigenpairs",

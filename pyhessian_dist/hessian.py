@@ -15,6 +15,8 @@ gets the numbers of the union of the shards. Keyword arguments that PyHessian co
 give more: ``method="lanczos"``, ``which="SA"`` (most negative eigenvalues), the trace's
 ``rse``/``deflate``/``per_layer``, ``diagonal()``, ``seed=`` for reproducible numbers. The full
 result of the last call (error bars, products used, convergence history) is ``last_result``.
+``sampling_error=G`` on ``eigenvalues``, ``trace`` and ``diagonal`` adds the sampling error
+(jackknife over G groups of mini-batches) to ``last_result.sampling``.
 ``curvature="ggn"`` or ``"ef"`` analyses the generalized Gauss-Newton matrix or the empirical
 Fisher instead of the Hessian, with the same methods; code that does not pass it gets the
 Hessian, as before.
@@ -27,6 +29,7 @@ import torch
 
 from .distributed import broadcast_seed
 from .estimators import (
+    eigenvalue_sampling_error,
     hutchinson_trace,
     hutchpp_trace,
     lanczos_eigenpairs,
@@ -128,7 +131,8 @@ class hessian:  # noqa: N801 - the name PyHessian users import
 
     # ------------------------------------------------------------------ the three analyses
     def eigenvalues(self, maxIter: int = 100, tol: float = 1e-3, top_n: int = 1, *,
-                    method: str | None = None, which: str = "LA"):
+                    method: str | None = None, which: str = "LA",
+                    sampling_error: int | None = None):
         """Top ``top_n`` eigenvalues and eigenvectors (lists of per-parameter tensors).
 
         ``method="lanczos"`` (the default: up to maxIter products in all; stops when every
@@ -139,6 +143,9 @@ class hessian:  # noqa: N801 - the name PyHessian users import
         smallest (most negative; Lanczos), "LM" largest magnitude. Lanczos needs fewer products
         than power iteration for the same tol (bench/bench_facade.py) and its stopping rule is
         a bound on the error, not a change between iterates.
+        ``sampling_error=G``: also the jackknife over G groups of the mini-batches
+        (``estimators.sampling``): ``last_result.sampling.stderr`` and ``.bias``, one per
+        eigenvalue (how far each would move with another sample of the same size; its bias).
         """
         op = self.operator
         method = method or "lanczos"
@@ -153,6 +160,9 @@ class hessian:  # noqa: N801 - the name PyHessian users import
                                      generator=self._generator())
         else:
             raise ValueError(f"unknown eigenvalue method {method!r}: use 'power' or 'lanczos'")
+        if sampling_error is not None:
+            res.sampling = eigenvalue_sampling_error(op, res, sampling_error,
+                                                     generator=self._generator())
         self.last_result = res
         vectors = [op.to_list(v.to(op.dtype)) for v in res.eigenvectors]
         return list(res.eigenvalues), vectors
@@ -160,7 +170,7 @@ class hessian:  # noqa: N801 - the name PyHessian users import
     def trace(self, maxIter: int = 100, tol: float = 1e-3, *,
               method: str = "hutchinson", rse: float | None = None, deflate: int | str = 0,
               num_matvecs: int | None = None, per_layer: bool = False,
-              group_by: str = "module"):
+              group_by: str = "module", sampling_error: int | None = None):
         """Per-probe trace estimates (their mean estimates tr(H); PyHessian's return value).
 
         ``method="hutchinson"`` (default): PyHessian's stopping rule (relative change < tol)
@@ -170,17 +180,20 @@ class hessian:  # noqa: N801 - the name PyHessian users import
         ``per_layer=True`` returns ``(samples, per_layer)`` with ``per_layer`` a dict
         group name -> that group's share of every sample (``group_by``: "module", "stage",
         "parameter"); the shares of a probe add up to its sample, and their means estimate the
-        traces of the diagonal blocks.
+        traces of the diagonal blocks. ``sampling_error=G``: also the jackknife over G groups
+        of the mini-batches from the same probes (``last_result.sampling``: ``stderr``,
+        ``total_stderr`` with the probes' error, ``group_stderr`` per layer; Hutchinson only).
         """
         op = self.operator
         groups = self._groups(group_by) if per_layer else None
         if method == "hutchinson":
             res = hutchinson_trace(op, max_iter=maxIter, tol=tol, rse=rse, deflate=deflate,
                                    groups=[g.index for g in groups] if groups else None,
+                                   sampling_groups=sampling_error,
                                    generator=self._generator())
         elif method == "hutchpp":
-            if per_layer:
-                raise ValueError("per_layer=True needs method='hutchinson'")
+            if per_layer or sampling_error is not None:
+                raise ValueError("per_layer=True and sampling_error need method='hutchinson'")
             res = hutchpp_trace(op, num_matvecs or maxIter, generator=self._generator())
         else:
             raise ValueError(f"unknown trace method {method!r}: use 'hutchinson' or 'hutchpp'")
@@ -191,16 +204,22 @@ class hessian:  # noqa: N801 - the name PyHessian users import
         return list(res.samples)
 
     def diagonal(self, maxIter: int = 100, tol: float = 1e-3, *,
-                 rse: float | None = None, deflate: int | str = 0):
+                 rse: float | None = None, deflate: int | str = 0,
+                 sampling_error: int | None = None):
         """Hutchinson's estimate of diag(H), a list of tensors shaped like ``params``.
 
         The mean over Rademacher probes z of z * (H z) (Bekas, Kokiopoulou & Saad 2007); the
         probes stop as in ``trace``. ``last_result.diagonal.stderr`` holds the elementwise
-        standard errors, ``last_result`` the trace from the same probes.
+        standard errors, ``last_result`` the trace from the same probes. ``sampling_error=G``:
+        also their jackknife over G groups of the mini-batches,
+        ``last_result.diagonal.sampling_stderr``.
         """
         op = self.operator
         res = hutchinson_trace(op, max_iter=maxIter, tol=tol, rse=rse, deflate=deflate,
-                               diagonal=True, generator=self._generator())
+                               diagonal=True, sampling_groups=sampling_error,
+                               generator=self._generator())
+        if res.sampling is not None:
+            res.diagonal.sampling_stderr = res.sampling.diagonal_stderr
         self.last_result = res
         return op.to_list(res.diagonal.diagonal.to(op.dtype))
 

@@ -15,6 +15,7 @@ import torch
 
 __all__ = [
     "Step", "Callback", "EigenResult", "TraceResult", "DensityResult", "DiagonalResult",
+    "SamplingError",
     "json_safe",
 ]
 
@@ -70,13 +71,15 @@ def _history(steps) -> list:
 @dataclass
 class DiagonalResult:
     """Hutchinson's diagonal estimate: ``diagonal`` and its elementwise standard error, both
-    ``(dim,)`` float64, from ``num_probes`` Rademacher probes."""
+    ``(dim,)`` float64, from ``num_probes`` Rademacher probes; ``sampling_stderr`` (dim,): the
+    elementwise jackknife standard error for another sample (``sampling_groups``), if asked."""
 
     diagonal: torch.Tensor
     stderr: torch.Tensor
     num_probes: int
     num_matvecs: int
     method: str = "hutchinson"
+    sampling_stderr: torch.Tensor | None = None
 
     def to_dict(self) -> dict:
         """Plain, strictly JSON-safe data (no tensors; NaN/inf as None)."""
@@ -107,6 +110,7 @@ class EigenResult:
     error_bounds: list = field(default_factory=list)
     history: list = field(default_factory=list)
     products: torch.Tensor | None = None
+    sampling: SamplingError | None = None
 
     def to_dict(self) -> dict:
         """Plain, strictly JSON-safe data (no tensors; NaN/inf as None)."""
@@ -114,6 +118,43 @@ class EigenResult:
             "method": self.method, "which": self.which, "eigenvalues": self.eigenvalues,
             "residuals": self.residuals, "error_bounds": self.error_bounds,
             "num_matvecs": self.num_matvecs, "converged": self.converged,
+            "history": _history(self.history)})
+
+
+@dataclass
+class SamplingError:
+    """The delete-a-group jackknife of some estimates (``estimators.sampling``): for each
+    estimate its ``stderr`` (how far it would move with another sample of the same size from
+    the same data) and ``bias`` (estimate minus its infinite-sample value, to order 1/N), from
+    the ``replicates`` (G, n) computed without each of the ``num_groups`` groups of whole
+    mini-batches (``group_samples``: N_g). ``num_matvecs``: the extra products it cost.
+    ``replicate_error_bound``: the worst relative Lanczos error bound of the replicates
+    (eigenvalues). A trace's also carries ``total_stderr`` (with the probes' standard error in
+    quadrature), ``group_stderr`` (per coordinate group) and ``diagonal_stderr`` (a tensor)."""
+
+    estimates: list
+    stderr: list
+    bias: list
+    replicates: list
+    num_groups: int
+    group_samples: list
+    num_matvecs: int
+    method: str
+    converged: bool = True
+    replicate_error_bound: float | None = None
+    history: list = field(default_factory=list)
+    total_stderr: list | None = None
+    group_stderr: list | None = None
+    diagonal_stderr: torch.Tensor | None = None
+
+    def to_dict(self) -> dict:
+        """Plain, strictly JSON-safe data (no tensors; NaN/inf as None)."""
+        return json_safe({
+            "method": self.method, "num_groups": self.num_groups,
+            "group_samples": self.group_samples, "stderr": self.stderr, "bias": self.bias,
+            "total_stderr": self.total_stderr, "replicates": self.replicates,
+            "num_matvecs": self.num_matvecs, "converged": self.converged,
+            "replicate_error_bound": self.replicate_error_bound,
             "history": _history(self.history)})
 
 
@@ -140,6 +181,7 @@ class TraceResult:
     deflation: dict | None = None
     group_samples: torch.Tensor | None = None
     diagonal: DiagonalResult | None = None
+    sampling: SamplingError | None = None
 
     @property
     def relative_stderr(self) -> float:

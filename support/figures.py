@@ -602,7 +602,9 @@ class SpectrumOverlay:
 class RunPoints:
     """A comparison panel with one column per run: each run's item is a list of (value, error)
     points (the first filled and labelled, the others open; error bars smaller than the marker
-    are left out) or None ("n/a"). All positive: a log axis, else a symmetric log axis."""
+    are left out) or None ("n/a"). All positive: a log axis, else a symmetric log axis. A point
+    (value, error, sampling s.e.) also gets the sampling error bar (``--sampling-error``):
+    dashed, wide caps, just right of the marker, so the two are told apart."""
 
     title: str
     marker: str = "o"
@@ -614,13 +616,18 @@ class RunPoints:
 
         na = blended_transform_factory(ax.transData, ax.transAxes)
         lows, highs, values = [], [], []
+        any_sampled = False
         for i, (pts, c) in enumerate(zip(items, colors)):
             if not pts:
                 ax.text(i, 0.5, "n/a", transform=na, ha="center", va="center", color="0.4",
                         style="italic")
                 continue
-            for j, (v, e) in enumerate(pts):
+            for j, (v, e, *sampled) in enumerate(pts):
                 first = j == 0
+                if sampled and sampled[0]:
+                    _sampling_bar(ax, i, v, sampled[0], c)
+                    e = max(e, sampled[0])  # the axis limits cover both bars
+                    any_sampled = True
                 visible = e > 2e-3 * abs(v)  # smaller bars would hide inside the marker
                 ax.errorbar([i], [v], yerr=[e] if visible else None, color=c, capsize=5,
                             marker=self.marker, markersize=6 if first else 4.5,
@@ -648,6 +655,17 @@ class RunPoints:
         ax.set_axisbelow(True)
         ax.set_ylabel(note, fontsize=8)
         ax.set_title(self.title, fontsize=10)
+        if any_sampled:
+            ax.text(0.02, 0.02, "dashed, right: ± sampling s.e.", transform=ax.transAxes,
+                    fontsize=7, color="0.3")
+
+
+def _sampling_bar(ax, i, v, se, color) -> None:
+    """The sampling s.e. of a run's point: a dashed bar with wide caps, offset to the right."""
+    bar = ax.errorbar([i + 0.12], [v], yerr=[se], color=color, capsize=8, linestyle="none",
+                      elinewidth=1.2, alpha=0.8, zorder=1)
+    for line in bar[2]:
+        line.set_linestyle("--")
 
 
 def compare_figure(panels, labels, title=None):

@@ -16,8 +16,9 @@ import torch
 
 from ..operators import LinearOperator
 from ..results import Callback, DiagonalResult, Step, TraceResult
-from ._common import apply, emit, rademacher, resolve_generator, standard_error
+from ._common import F64, apply, emit, rademacher, resolve_generator, standard_error
 from .lanczos import Lanczos, lanczos_step
+from .sampling import GroupTally
 
 __all__ = ["KrylovDeflation", "hutchinson_trace", "hutchpp_trace"]
 
@@ -90,7 +91,7 @@ def hutchinson_trace(op: LinearOperator, *, max_iter: int = 100, tol: float | No
                      rse: float | None = None, min_probes: int = 10, block_size: int = 1,
                      deflate: int | str = 0, max_deflation_steps: int = 50,
                      groups: Sequence | None = None, diagonal: bool = False,
-                     generator: torch.Generator | None = None,
+                     sampling_groups: int | None = None, generator: torch.Generator | None = None,
                      callback: Callback | None = None) -> TraceResult:
     """Hutchinson's estimator tr(A) ~ (1/n) sum_j z_j^T A z_j (Rademacher z_j), optionally
     after deflating a Krylov space.
@@ -112,6 +113,8 @@ def hutchinson_trace(op: LinearOperator, *, max_iter: int = 100, tol: float | No
     group g is ``sum_{i in g} c_i`` with ``c = (Pz) * (A P z) + diag(A Q^T Q)``, whose mean
     estimates ``tr`` of A's diagonal block of g. ``diagonal=True`` also returns the mean of
     ``c`` (Hutchinson's diagonal estimator, Bekas et al. 2007) with elementwise standard errors.
+    ``sampling_groups`` G: also ``result.sampling``, the jackknife over G groups of
+    mini-batches from the same probes (``estimators.sampling``; cost: see ``_group_split``).
     """
     _check_trace_arguments(max_iter, rse, tol)
     generator = resolve_generator(generator)
@@ -119,18 +122,16 @@ def hutchinson_trace(op: LinearOperator, *, max_iter: int = 100, tol: float | No
     deflation, pilot, used = _deflation_for(op, deflate, rse, max_iter, min_probes,
                                             max_deflation_steps, generator, history, callback)
     tally = _Tally(deflation, groups, diagonal)
+    split, pilot, used = _group_split(op, sampling_groups, tally, pilot, used)
     prev, rule = 0.0, None
     while tally.n < max_iter and rule is None:
-        if pilot is not None:  # the pilot probes are reused: their products are known
-            (Z, AZ), pilot = pilot, None
-        else:
-            Z = rademacher((min(block_size, max_iter - tally.n), op.dim), generator, op.device)
-            AZ = apply(op, Z)
-            used += Z.shape[0]
-        for c in tally.contributions(Z, AZ):
+        Z, AZ, parts, pilot, cost = _probe_block(op, tally, split, pilot,
+                                                 min(block_size, max_iter - tally.n), generator)
+        used += cost
+        for i, c in enumerate(tally.contributions(Z, AZ, projected=split is not None)):
             if tally.n == max_iter:
                 break
-            tally.add(c)
+            tally.add(c, None if parts is None else (Z[i], parts[:, i]))
             emit(history, callback, Step(used, (tally.mean,), (tally.stderr,),
                                          "standard error", "probes"))
             rule = _stopping_rule(tally, rse, tol, min_probes, prev)
@@ -144,7 +145,38 @@ def hutchinson_trace(op: LinearOperator, *, max_iter: int = 100, tol: float | No
         converged=rule is not None, method="hutchinson" if deflation is None
         else "deflated hutchinson", stopping_rule=rule or "budget", history=history,
         deflation=info, group_samples=tally.group_samples(),
-        diagonal=tally.diagonal_result(used) if diagonal else None)
+        diagonal=tally.diagonal_result(used) if diagonal else None,
+        sampling=split and split.result(tally.mean, tally.stderr))
+
+
+def _group_split(op, sampling_groups, tally, pilot, used):
+    """The per-group split of the probes for the sampling error (``tally.split``). Each
+    probe block is then projected first (``P z``) and multiplied once with its products split
+    by group (``_probe_block``: the same products, a G-times larger all-reduce); a deflated
+    space's per-group exact part costs its m products once more; 'auto' deflation's pilot
+    probes are not reused as probes (their products are not split by group). Returns
+    (GroupTally or None, the pilot probes still to reuse, products used)."""
+    if sampling_groups is None:
+        return None, pilot, used
+    tally.split = GroupTally(op, sampling_groups, tally.groups, tally.diagonal)
+    if tally.deflation is not None:
+        tally.split.set_deflation(op, tally.deflation.Q.to(op.device))
+    return tally.split, None, used + tally.split.num_matvecs
+
+
+def _probe_block(op, tally, split, pilot, k, generator):
+    """(Z, A Z, None, None, 0) from the pilot probes while there are some (their products are
+    known); else (Z, A Z, None, None, k) for k new Rademacher probes, or with a per-group split
+    (P Z, A P Z, the per-group products (G, k, dim), None, k): projected first, then ONE pass
+    of ``group_matmat``."""
+    if pilot is not None:
+        return (*pilot, None, None, 0)
+    Z = rademacher((k, op.dim), generator, op.device)
+    if split is None:
+        return Z, apply(op, Z), None, None, k
+    Z = tally.project(Z)
+    parts = op.group_matmat(Z.to(op.dtype), split.G).to(F64)
+    return Z, parts.sum(dim=0), parts, None, k
 
 
 def _check_trace_arguments(max_iter, rse, tol) -> None:
@@ -195,6 +227,7 @@ class _Tally:
         self.diagonal = diagonal
         self.samples, self.rows = [], []
         self.mean_c = self.m2_c = None
+        self.split = None   # a GroupTally: the probes' shares per group of mini-batches
 
     @property
     def n(self) -> int:
@@ -208,12 +241,22 @@ class _Tally:
     def stderr(self) -> float:
         return standard_error(self.samples)
 
-    def contributions(self, Z, AZ):
-        if self.deflation is not None:
+    def project(self, Z):
+        """P z for the rows of Z (no products); Z itself without deflation."""
+        if self.deflation is None:
+            return Z
+        return Z - (Z @ self.deflation.Q.T) @ self.deflation.Q
+
+    def contributions(self, Z, AZ, projected=False):
+        """The c of the probe rows: (Z, A Z), or (P Z, A P Z) when ``projected``."""
+        if self.deflation is not None and not projected:
             Z, AZ = self.deflation.project(Z, AZ)
         return Z * AZ if self.base is None else Z * AZ + self.base
 
-    def add(self, c) -> None:
+    def add(self, c, row=None) -> None:
+        """One probe's c; ``row``: its (P z, per-group products) for the split, if any."""
+        if row is not None:
+            self.split.add(*row)
         self.samples.append(float(c.sum()))
         if self.groups is not None:
             self.rows.append(torch.stack([c[g].sum() for g in self.groups]))

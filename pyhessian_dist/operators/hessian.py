@@ -120,7 +120,7 @@ class HessianOperator(ModelOperator):
     """H v for the mean loss over every rank's mini-batches (see the module docstring).
 
     Args (besides ``ModelOperator``'s: model, criterion or loss, batches, forward, device,
-    data_on_device, memory_budget_bytes, local_processes):
+    data_on_device, memory_budget_bytes, local_processes, batch_ids):
         reuse_graph: keep each mini-batch's first-order graph so a product costs one extra
             backward pass instead of forward + backward + backward. ``"auto"`` keeps the graphs
             of as many mini-batches as fit in ``memory_budget_bytes`` (the size of one measured
@@ -144,7 +144,8 @@ class HessianOperator(ModelOperator):
                  loss: Callable | None = None, device: torch.device | str | None = None,
                  reuse_graph: bool | str = "auto", data_on_device: bool | str = "auto",
                  memory_budget_bytes: int | None = None, local_processes: int = 1,
-                 hvp_mode: str = "double_backward", vectorize: bool = False):
+                 hvp_mode: str = "double_backward", vectorize: bool = False,
+                 batch_ids=None):
         if hvp_mode not in HVP_MODES:
             raise ValueError(f"hvp_mode must be one of {HVP_MODES}, got {hvp_mode!r}")
         if reuse_graph not in (True, False, "auto"):
@@ -160,7 +161,7 @@ class HessianOperator(ModelOperator):
         self._theta = None
         super().__init__(model, criterion, batches, forward=forward, loss=loss, device=device,
                          data_on_device=data_on_device, memory_budget_bytes=memory_budget_bytes,
-                         local_processes=local_processes)
+                         local_processes=local_processes, batch_ids=batch_ids)
 
     # --------------------------------------------------------- first-order pass
     def _loss_and_gradient(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,6 +25,7 @@ Dropout is off in eval mode too.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -40,7 +41,7 @@ from ..batches import (
     move_batch,
     pin_batch,
 )
-from ..distributed import CommTimer, all_reduce_
+from ..distributed import CommTimer, all_reduce_, get_rank, get_world_size
 from .base import LinearOperator
 
 __all__ = ["ModelOperator", "available_memory_bytes", "checking_loss", "kept_phrase",
@@ -127,6 +128,11 @@ class ModelOperator(LinearOperator):
         memory_budget_bytes: budget for the ``"auto"`` choices (default: half of the free
             device memory, or of MemAvailable on CPU, shared by ``local_processes``).
         local_processes: processes of this job sharing this machine's memory (CPU budget).
+        batch_ids: the GLOBAL index of each of ``batches`` among the mini-batches of all ranks
+            (default: ``rank + world_size * i`` for this rank's i-th batch, the round-robin
+            deal of ``support.datasets.shard_batches``); used only by the per-group products
+            (``group_matmat``, ``reduced_matmat``), whose groups of mini-batches are then the
+            same on any world size.
 
     Vectors are flat 1-D tensors of size ``dim`` (or ``(k, dim)`` blocks: ``k`` products at
     once) in the parameters' dtype on ``device``. Parameters with ``requires_grad=False`` are
@@ -163,7 +169,7 @@ class ModelOperator(LinearOperator):
                  batches: Iterable = (), *, forward: Callable | None = None,
                  loss: Callable | None = None, device: torch.device | str | None = None,
                  data_on_device: bool | str = "auto", memory_budget_bytes: int | None = None,
-                 local_processes: int = 1):
+                 local_processes: int = 1, batch_ids: Sequence[int] | None = None):
         self.forward_fn, self.loss_fn = resolve_loss(criterion, forward, loss)
         if data_on_device not in (True, False, "auto"):
             raise ValueError(f"data_on_device must be True, False or 'auto', got "
@@ -186,34 +192,45 @@ class ModelOperator(LinearOperator):
             if self.device.type == "cpu":
                 memory_budget_bytes //= max(1, int(local_processes))
         self.memory_budget_bytes = int(memory_budget_bytes)
-        self._set_data(batches, data_on_device)
+        self._set_data(batches, data_on_device, batch_ids)
         self._first_order_pass()
 
     # ------------------------------------------------------------------ data
-    def _set_data(self, batches, data_on_device) -> None:
-        """Keep this rank's non-empty mini-batches, on the device or on the host (see class)."""
-        kept = [(batch, n) for batch in batches if (n := batch_size(batch)) > 0]
-        self.batch_sizes = [n for _batch, n in kept]
+    def _set_data(self, batches, data_on_device, batch_ids=None) -> None:
+        """Keep this rank's non-empty mini-batches (and their global indices), on the device or
+        on the host (see class). ONE all-reduce: N and the number of mini-batches in all."""
+        given = list(batches)
+        if batch_ids is None:
+            rank, world = get_rank(), get_world_size()
+            batch_ids = [rank + world * i for i in range(len(given))]
+        batch_ids = [int(j) for j in batch_ids]
+        if len(batch_ids) != len(given):
+            raise ValueError(f"batch_ids has {len(batch_ids)} entries for {len(given)} batches")
+        kept = [(batch, n, j) for batch, j in zip(given, batch_ids)
+                if (n := batch_size(batch)) > 0]
+        self.batch_sizes = [n for _batch, n, _j in kept]
+        self.batch_ids = [j for _batch, _n, j in kept]
         self.local_num_samples = sum(self.batch_sizes)
-        total = torch.tensor([float(self.local_num_samples)], dtype=torch.float64,
-                             device=self.device)
+        total = torch.tensor([float(self.local_num_samples), float(len(given))],
+                             dtype=torch.float64, device=self.device)
         all_reduce_(total)
-        self.num_samples = int(round(total.item()))
+        self.num_samples = int(round(total[0].item()))
+        self.num_global_batches = int(round(total[1].item()))
         if self.num_samples == 0:
             raise ValueError("no data: every rank was given zero samples; pass at least one "
                              "non-empty mini-batch")
         # n_b / N folds the weighting into each mini-batch's loss, so sums need no division.
         self.weights = [n / self.num_samples for n in self.batch_sizes]
-        self.data_bytes = sum(batch_nbytes(batch) for batch, _n in kept)
+        self.data_bytes = sum(batch_nbytes(batch) for batch, _n, _j in kept)
         if data_on_device == "auto":
             data_on_device = self.data_bytes <= self.memory_budget_bytes // 4
         self.data_on_device = bool(data_on_device) or self.device.type == "cpu"
         if self.data_on_device:
-            self.batches = [move_batch(batch, self.device, True) for batch, _n in kept]
+            self.batches = [move_batch(batch, self.device, True) for batch, _n, _j in kept]
         elif self.device.type == "cuda":
-            self.batches = [pin_batch(batch) for batch, _n in kept]
+            self.batches = [pin_batch(batch) for batch, _n, _j in kept]
         else:
-            self.batches = [batch for batch, _n in kept]
+            self.batches = [batch for batch, _n, _j in kept]
 
     def _batch(self, b: int):
         """Mini-batch ``b`` of this rank, on the device."""
@@ -331,6 +348,83 @@ class ModelOperator(LinearOperator):
         out = self._local_matmat(V)
         all_reduce_(out, self.comm)
         self.compute_seconds += time.perf_counter() - t0
+        return out
+
+    # --------------------------------------------------------- per-group products
+    def batch_groups(self, num_groups: int) -> list[int]:
+        """The group of each of this rank's mini-batches when the ``B`` mini-batches of all
+        ranks are cut, in their global order, into ``num_groups`` contiguous groups of whole
+        mini-batches: global mini-batch j is in group ``j * G // B`` (sizes differ by at most
+        one mini-batch; the same on any world size)."""
+        G, B = int(num_groups), self.num_global_batches
+        if not 1 <= G <= B:
+            raise ValueError(f"num_groups must be between 1 and the {B} mini-batches, got {G}")
+        if any(not 0 <= j < B for j in self.batch_ids):
+            raise ValueError(f"batch_ids must lie in [0, {B}) (the mini-batches of all ranks); "
+                             "pass batch_ids= to the operator when the batches are not dealt "
+                             "round-robin")
+        return [j * G // B for j in self.batch_ids]
+
+    def group_num_samples(self, num_groups: int) -> torch.Tensor:
+        """``N_g`` (G,) float64: the samples in each group of mini-batches. ONE all-reduce,
+        which also checks that every global mini-batch index is held exactly once."""
+        G, B = int(num_groups), self.num_global_batches
+        buf = torch.zeros(G + B, dtype=torch.float64, device=self.device)
+        for g, n, j in zip(self.batch_groups(G), self.batch_sizes, self.batch_ids):
+            buf[g] += n
+            buf[G + j] += 1
+        all_reduce_(buf, self.comm)
+        if bool((buf[G:] > 1).any()):
+            raise ValueError("two ranks hold mini-batches with the same global index; pass "
+                             "batch_ids= to the operator (the index of each batch among all "
+                             "ranks' mini-batches)")
+        return buf[:G]
+
+    def group_matmat(self, V: torch.Tensor, num_groups: int) -> torch.Tensor:
+        """The per-group partial products ``P_g V = sum_{b in g} w_b M_b V`` (G, k, dim) of the
+        rows of ``V`` (k, dim), which sum to ``M V``: every mini-batch's product goes to its
+        group's slot (``batch_groups``), then ONE all-reduce of the (G, k, dim) buffer. As the
+        mean curvature of group g is ``M_g = (N / N_g) P_g``, the curvature of the sample
+        without group g is ``M_{-g} = (M - P_g) N / (N - N_g)``. Counts k products."""
+        V = V.to(self.device, self.dtype)
+        groups = self.batch_groups(num_groups)
+        t0 = time.perf_counter()
+        out = torch.zeros(int(num_groups), *V.shape, dtype=V.dtype, device=self.device)
+        with torch.enable_grad():
+            for b, g in enumerate(groups):
+                out[g] += self._batch_matmat(b, V)
+        all_reduce_(out, self.comm)
+        self.compute_seconds += time.perf_counter() - t0
+        self.num_matvecs += V.shape[0]
+        return out
+
+    def reduced_matmat(self, V: torch.Tensor, group_samples: torch.Tensor) -> torch.Tensor:
+        """``M_{-g} V[g]`` (G, k, dim) for a block of k rows per group ``V`` (G, k, dim), with
+        ``M_{-g} = (N / (N - N_g)) sum_{b not in g} w_b M_b`` the curvature of the sample
+        without group g (``group_samples``: the N_g of ``group_num_samples``). A mini-batch of
+        group h multiplies the rows of every group g != h whose block is not all zero (a group
+        whose run has stopped passes zeros), then ONE all-reduce. In full-sample products
+        that is ``k sum_g (1 - N_g / N)`` over the non-zero groups ((G - 1) k for all), which
+        is what ``num_matvecs`` counts (rounded up)."""
+        V = V.to(self.device, self.dtype)
+        G, k = V.shape[0], V.shape[1]
+        groups = self.batch_groups(G)
+        active = [g for g in range(G) if bool(V[g].any())]
+        t0 = time.perf_counter()
+        out = torch.zeros_like(V)
+        with torch.enable_grad():
+            for b, h in enumerate(groups):
+                rows = [g for g in active if g != h]
+                if rows:
+                    out[rows] += self._batch_matmat(b, V[rows].reshape(-1, self.dim)) \
+                        .reshape(len(rows), k, self.dim)
+        all_reduce_(out, self.comm)
+        N = float(self.num_samples)
+        scale = (N / (N - group_samples.to(torch.float64))).to(out.dtype)
+        out *= scale[:, None, None]
+        self.compute_seconds += time.perf_counter() - t0
+        share = sum(1.0 - float(group_samples[g]) / N for g in active)
+        self.num_matvecs += int(math.ceil(k * share - 1e-9))
         return out
 
     def release(self) -> None:
