@@ -1,11 +1,21 @@
 """Shared pytest set-up: a single-thread fixture, the ../shared fixture path, a small trained
 checkpoint for the script tests, and a complete output folder of it."""
 import os
+import signal
 
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The tests send Ctrl-C and SIGHUP to this process and to the runs they start, and check that
+# each is a cancel. A test command started in the background of a non-interactive shell (`cmd &`)
+# has SIGINT ignored, and one under nohup SIGHUP; the runs they start would inherit that and,
+# as designed, keep ignoring them. Deliverable signals are the tests' premise, so restore them.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 SHARED_FIXTURES = os.path.join(ROOT, "..", "shared", "fixtures")
 ORIGINAL_NET = os.path.join(SHARED_FIXTURES, "original-net.pkl")
