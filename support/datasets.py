@@ -428,7 +428,8 @@ _CACHE: dict = {}
 def cached_datasets(name, data_dir="data", normalization=None, download=True, image_size=32):
     """``get_datasets`` remembered within this process (a script that validates and then runs
     in the same process loads its data set once); ``download`` applies to the first call."""
-    key = (name, os.fspath(data_dir), json.dumps(normalization), image_size)
+    key = (name, os.fspath(data_dir), json.dumps(normalization), image_size,
+           (SYNTHETIC_TRAIN_SIZE, SYNTHETIC_TEST_SIZE) if name == "synthetic" else None)
     if key not in _CACHE:
         _CACHE.clear()  # one data set at a time
         _CACHE[key] = get_datasets(name, data_dir, normalization=normalization,
