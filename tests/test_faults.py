@@ -112,6 +112,17 @@ def cancel_run(checkpoint, earlier, sig, device_count=2, before=None):
         kill_all([proc.pid, *workers])
 
 
+
+def sigterm_ended(proc, n):
+    """Wait for ``proc`` (killing what is left if it hangs); (stdout, stderr, the launcher's
+    "stopped N workers; " phrase for n processes), asserting that SIGTERM ended it (143)."""
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        kill_all([proc.pid, *children(proc.pid)])
+    assert proc.returncode == 143, err
+    return out, err, f"stopped {n} workers; " if n > 1 else ""
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130),
                                        (signal.SIGHUP, 129)])
 def test_cancel_stops_every_worker_and_keeps_earlier_outputs(checkpoint, earlier, sig, code):
@@ -271,12 +282,7 @@ def test_a_cancel_while_the_files_are_moved_into_place_says_they_were(checkpoint
     restore(tmp_path, complete)
     proc = start(["--resume", checkpoint, "--output-dir", str(tmp_path), "--device_count",
                   str(n), *COMMON], script=ENTRY, env={"PYHESSIAN_DIST_FAULT": "commit-signal:0"})
-    try:
-        _out, err = proc.communicate(timeout=300)
-    finally:
-        kill_all([proc.pid, *children(proc.pid)])
-    stopped = f"stopped {n} workers; " if n > 1 else ""
-    assert proc.returncode == 143, err
+    _out, err, stopped = sigterm_ended(proc, n)
     assert err.strip().splitlines() == [
         f"interrupted by SIGTERM: {stopped}this run's files had already been written to "
         f"{tmp_path}"]
@@ -428,12 +434,7 @@ def test_a_cancel_while_a_checkpoint_is_moved_into_place_names_its_epoch(tmp_pat
     folder = tmp_path / "ck"
     proc = start([*TRAIN, "--saving-folder", str(folder), "--device_count", str(n)],
                  script=ENTRY, env={"PYHESSIAN_DIST_FAULT": "commit-signal:0"})
-    try:
-        out, err = proc.communicate(timeout=300)
-    finally:
-        kill_all([proc.pid, *children(proc.pid)])
-    stopped = f"stopped {n} workers; " if n > 1 else ""
-    assert proc.returncode == 143, err
+    out, err, stopped = sigterm_ended(proc, n)
     assert err.strip().splitlines()[-1] == (
         f"interrupted by SIGTERM: {stopped}{folder / 'net.pkl'} holds epoch 1"), err
     from support.checkpoints import read_training_state
