@@ -6,13 +6,16 @@
     trace_samples = h.trace()
     eigen_list_full, weight_list_full = h.density(iter=100, n_v=1)
 
-Defaults reproduce PyHessian's algorithms for ``trace`` (Hutchinson) and ``density`` (SLQ) and
-its use of torch's global random number generator, so repeated calls give different samples;
-``eigenvalues`` runs Lanczos by default (PyHessian's power iteration: ``method="power"``), which
-needs fewer products and stops on a proven error bound (see its docstring). When a
+Defaults keep PyHessian's algorithm for ``density`` (SLQ) and its use of torch's global random
+number generator, so repeated calls give different samples. Two defaults differ, each needing
+fewer products for an error that is as small or smaller and stated: ``eigenvalues`` runs
+Lanczos, stopping on a proven error bound (PyHessian's power iteration: ``method="power"``), and
+``trace`` runs Hutchinson after deflating a Krylov space, stopping at a 5% relative standard
+error (PyHessian's plain probes and stopping rule: ``method="hutchinson"``); both return what
+PyHessian's return. When a
 torch.distributed process group is initialised and each rank passes its own shard, every rank
 gets the numbers of the union of the shards. Keyword arguments that PyHessian code never passes
-give more: ``method="lanczos"``, ``which="SA"`` (most negative eigenvalues), the trace's
+give more: ``which="SA"`` (most negative eigenvalues), the trace's
 ``rse``/``deflate``/``per_layer``, ``diagonal()``, ``seed=`` for reproducible numbers. The full
 result of the last call (error bars, products used, convergence history) is ``last_result``.
 ``sampling_error=G`` on ``eigenvalues``, ``trace`` and ``diagonal`` adds the sampling error
@@ -39,7 +42,10 @@ from .estimators import (
 from .groups import parameter_groups
 from .operators import CURVATURES
 
-__all__ = ["hessian"]
+__all__ = ["TRACE_RSE", "hessian"]
+
+# the relative standard error at which trace() stops by default (see README "Using the library")
+TRACE_RSE = 0.05
 
 
 def _facade_device(cuda: bool) -> torch.device:
@@ -168,35 +174,46 @@ class hessian:  # noqa: N801 - the name PyHessian users import
         return list(res.eigenvalues), vectors
 
     def trace(self, maxIter: int = 100, tol: float = 1e-3, *,
-              method: str = "hutchinson", rse: float | None = None, deflate: int | str = 0,
-              num_matvecs: int | None = None, per_layer: bool = False,
-              group_by: str = "module", sampling_error: int | None = None):
+              method: str = "deflated", rse: float | None = None,
+              deflate: int | str | None = None, num_matvecs: int | None = None,
+              per_layer: bool = False, group_by: str = "module",
+              sampling_error: int | None = None):
         """Per-probe trace estimates (their mean estimates tr(H); PyHessian's return value).
 
-        ``method="hutchinson"`` (default): PyHessian's stopping rule (relative change < tol)
-        unless ``rse`` is given (stop at that relative standard error); ``deflate`` = 0, an int
-        m or "auto" removes an m-step Krylov space first (exact part + Hutchinson on the rest).
-        ``method="hutchpp"``: Hutch++ with a fixed budget of ``num_matvecs`` (default maxIter).
+        ``method="deflated"`` (the default): Hutchinson after removing a Krylov space exactly
+        (``deflate``: "auto" (default) chooses its size from up to 8 pilot probes, or an int m
+        of Lanczos steps); each sample is ``tr(Q^T H Q) + (Pz)^T H (Pz)``, so their mean is
+        the estimate, and the probes stop at the relative standard error ``rse`` (default
+        ``TRACE_RSE`` = 0.05, at least 10 probes, at most ``maxIter``). ``method="hutchinson"``
+        is PyHessian's exact algorithm: plain Rademacher probes (unless ``deflate`` is given)
+        stopping when the running mean changes by less than ``tol`` relatively (or at ``rse``
+        when given), at most ``maxIter`` probes. ``method="hutchpp"``: Hutch++ with a fixed
+        budget of ``num_matvecs`` products (default maxIter). The standard error, products
+        used and the deflation are in ``last_result``.
         ``per_layer=True`` returns ``(samples, per_layer)`` with ``per_layer`` a dict
         group name -> that group's share of every sample (``group_by``: "module", "stage",
         "parameter"); the shares of a probe add up to its sample, and their means estimate the
         traces of the diagonal blocks. ``sampling_error=G``: also the jackknife over G groups
         of the mini-batches from the same probes (``last_result.sampling``: ``stderr``,
-        ``total_stderr`` with the probes' error, ``group_stderr`` per layer; Hutchinson only).
+        ``total_stderr`` with the probes' error, ``group_stderr`` per layer; not hutchpp).
         """
         op = self.operator
         groups = self._groups(group_by) if per_layer else None
-        if method == "hutchinson":
-            res = hutchinson_trace(op, max_iter=maxIter, tol=tol, rse=rse, deflate=deflate,
+        if method in ("deflated", "hutchinson"):
+            if method == "deflated":
+                deflate, rse = "auto" if deflate is None else deflate, rse or TRACE_RSE
+            res = hutchinson_trace(op, max_iter=maxIter, tol=tol, rse=rse, deflate=deflate or 0,
                                    groups=[g.index for g in groups] if groups else None,
                                    sampling_groups=sampling_error,
                                    generator=self._generator())
         elif method == "hutchpp":
             if per_layer or sampling_error is not None:
-                raise ValueError("per_layer=True and sampling_error need method='hutchinson'")
+                raise ValueError("per_layer=True and sampling_error need method='deflated' or "
+                                 "'hutchinson'")
             res = hutchpp_trace(op, num_matvecs or maxIter, generator=self._generator())
         else:
-            raise ValueError(f"unknown trace method {method!r}: use 'hutchinson' or 'hutchpp'")
+            raise ValueError(f"unknown trace method {method!r}: use 'deflated', 'hutchinson' "
+                             "or 'hutchpp'")
         self.last_result = res
         if per_layer:
             cols = res.group_samples.T.tolist()

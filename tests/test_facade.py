@@ -78,7 +78,7 @@ def test_smallest_eigenvalues_with_which_SA():
 
 def test_trace_and_density_match_exact():
     h, H = build(seed=5)
-    samples = h.trace(maxIter=300, tol=0.0)
+    samples = h.trace(maxIter=300, tol=0.0, method="hutchinson")
     res = h.last_result
     assert len(samples) == 300 and res.trace == sum(samples) / len(samples)
     assert abs(res.trace - H.trace().item()) <= 4 * res.stderr
@@ -90,9 +90,34 @@ def test_trace_and_density_match_exact():
     assert sum(weights[0]) == pytest.approx(1.0)
 
 
+def test_default_trace_is_deflated_and_stops_at_its_standard_error():
+    """trace() without arguments: deflated Hutchinson to TRACE_RSE; what it returns means what
+    PyHessian's samples mean (their mean estimates the trace), per layer too."""
+    from pyhessian_dist.hessian import TRACE_RSE
+
+    h, H = build(seed=4)
+    exact = H.trace().item()
+    samples = h.trace(maxIter=1000)  # this tiny indefinite H needs more than 100 probes
+    res = h.last_result
+    assert res.method == "deflated hutchinson" and res.deflation["chosen"] == "auto"
+    assert res.converged and res.stopping_rule.startswith("relative standard error")
+    assert len(samples) >= 10 and res.trace == pytest.approx(sum(samples) / len(samples))
+    assert res.stderr <= TRACE_RSE * abs(res.trace)
+    assert abs(res.trace - exact) <= 4 * res.stderr
+    assert res.num_matvecs == res.deflation["num_matvecs"] + len(samples)
+    tight = h.trace(rse=0.005, deflate=40)  # 40 Lanczos steps: most of this small H is exact
+    assert h.last_result.deflation["dimension"] == 40
+    assert abs(sum(tight) / len(tight) - exact) <= 4 * h.last_result.stderr
+    samples, per_layer = h.trace(per_layer=True)
+    sums = torch.tensor(list(per_layer.values()), dtype=F64).sum(0)
+    torch.testing.assert_close(sums, torch.tensor(samples, dtype=F64))  # probe by probe
+    plain = h.trace(method="hutchinson", maxIter=7, tol=0.0)  # PyHessian's estimator
+    assert len(plain) == 7 and h.last_result.method == "hutchinson"
+
+
 def test_per_layer_trace_and_diagonal_against_exact_blocks():
     h, H = build(seed=2)
-    samples, per_layer = h.trace(maxIter=300, tol=0.0, per_layer=True)
+    samples, per_layer = h.trace(maxIter=300, tol=0.0, method="hutchinson", per_layer=True)
     assert list(per_layer) == ["conv", "bn", "fc"]
     sums = torch.tensor(list(per_layer.values()), dtype=F64).sum(0)
     torch.testing.assert_close(sums, torch.tensor(samples, dtype=F64))  # probe by probe
@@ -114,18 +139,19 @@ def test_per_layer_trace_and_diagonal_against_exact_blocks():
 def test_global_rng_by_default_and_reproducible_with_seed():
     h, _ = build()
     torch.manual_seed(0)
-    first = h.trace(maxIter=5, tol=0.0)
-    second = h.trace(maxIter=5, tol=0.0)
+    first = h.trace(maxIter=5, tol=0.0, method="hutchinson")
+    second = h.trace(maxIter=5, tol=0.0, method="hutchinson")
     assert first != second  # repeated calls draw new probes, as PyHessian's do
     torch.manual_seed(0)
-    assert h.trace(maxIter=5, tol=0.0) == first  # ... from torch's global RNG
+    assert h.trace(maxIter=5, tol=0.0, method="hutchinson") == first  # ... from torch's global RNG
     s, H = build(seed=3)
     g = torch.Generator().manual_seed(3)  # seed=3: every call starts from this generator
     Z = torch.cat([torch.randint(0, 2, (1, H.shape[0]), generator=g) for _ in range(5)])
     Z = Z.to(F64) * 2 - 1  # the five Rademacher probes, drawn one per product
     exact = [float(z @ H @ z) for z in Z]
     for _call in range(2):  # the same exact numbers on every call
-        assert s.trace(maxIter=5, tol=0.0) == pytest.approx(exact, rel=1e-9, abs=1e-12)
+        assert s.trace(maxIter=5, tol=0.0, method="hutchinson") == pytest.approx(
+            exact, rel=1e-9, abs=1e-12)
 
 
 def test_single_batch_gradsH_and_pyhessian_helpers():
@@ -228,7 +254,7 @@ def test_curvature_keyword_analyses_the_ggn_or_the_empirical_fisher(curvature, d
     exact = torch.linalg.eigvalsh((M + M.T) / 2)
     vals, _ = h.eigenvalues(top_n=2, method="lanczos", tol=1e-10)
     assert vals == pytest.approx(exact.flip(0)[:2].tolist(), rel=1e-8)
-    h.trace(maxIter=200, tol=0.0)
+    h.trace(maxIter=200, tol=0.0, method="hutchinson")
     assert abs(h.last_result.trace - M.trace().item()) <= 4 * h.last_result.stderr
     nodes, _ = h.density(iter=120)
     assert max(nodes[0]) == pytest.approx(exact[-1].item(), rel=1e-8)

@@ -178,7 +178,7 @@ def test_facade_keyword():
     vals, _vecs = h.eigenvalues(top_n=2, method="lanczos", tol=1e-8, sampling_error=3)
     s = h.last_result.sampling
     assert len(s.stderr) == len(s.bias) == 2 and s.num_groups == 3 and s.num_matvecs > 0
-    samples = h.trace(maxIter=6, tol=0.0, per_layer=True, sampling_error=3)[0]
+    samples = h.trace(maxIter=6, tol=0.0, method="hutchinson", per_layer=True, sampling_error=3)[0]
     t = h.last_result.sampling
     assert len(samples) == 6 and t.stderr[0] > 0 and len(t.group_stderr) == 2
     diag = h.diagonal(maxIter=4, tol=0.0, sampling_error=2)

@@ -63,10 +63,11 @@ def _lanczos_deflation(op, generator, steps, auto, rse, min_probes, pilot, histo
     bound of the Rademacher variance / 2). F_m and T come from the ``pilot`` probes (Z, AZ),
     projected on the complement of the Krylov space: E ||P A P z||^2 = ||P A P||_F^2, and
     tr(Q^T A Q) + (Pz)^T A (Pz) is the deflated sample. It stops three steps past the smallest
-    predicted cost and keeps the whole basis (more deflation never raises the variance).
+    predicted cost and keeps the whole basis (more deflation never raises the variance), or at
+    once when N(m) <= ``min_probes`` (from there every step adds one to the cost).
     ``AQ`` comes from the Lanczos relation (``Lanczos.products``), without extra products."""
     run = Lanczos(rademacher((op.dim,), generator, op.device), steps, generator)
-    best = None
+    best, floor = None, False
     while not run.done:
         lanczos_step(op, [run])
         m, q = run.m, run.Q
@@ -76,13 +77,15 @@ def _lanczos_deflation(op, generator, steps, auto, rse, min_probes, pilot, histo
             PAPZ = APZ - (APZ @ q.T) @ q
             frob_left = float((PAPZ ** 2).sum(dim=1).mean())
             trace_hat = defl.exact_trace + float((PZ * APZ).sum(dim=1).mean())
-            cost = m + max(2 * frob_left / (rse * trace_hat) ** 2, min_probes)
+            probes = 2 * frob_left / (rse * trace_hat) ** 2
+            cost = m + max(probes, min_probes)
             if best is None or cost < best[1]:
                 best = (m, cost)
+            floor = probes <= min_probes  # from here every step only adds a product
         emit(history, callback, Step(m, (float(run.alpha[:m].sum()),), (float("nan"),),
                                      "", "deflation", max_matvecs=steps))
-        if best is not None and m >= best[0] + 3:
-            break  # three steps past the predicted optimum
+        if floor or (best is not None and m >= best[0] + 3):
+            break  # the probes' floor binds, or three steps past the predicted optimum
     # the steps past the optimum are paid for: deflating them only helps
     return KrylovDeflation(Q=run.Q.clone(), AQ=run.products(), num_matvecs=run.m)
 
