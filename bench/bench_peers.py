@@ -307,6 +307,7 @@ def _whole_row(tool, k, rep, r, out_dir, ref):
             row["matvecs"] = res["results"]["eigenvalue"]["num_matvecs"]
             row["seconds_total_in_worker"] = res["seconds_total"]
             row["analysis_seconds"] = res["costs"]["eigenvalue"]["seconds"]
+            row["timings"] = res.get("timings")  # the run's own phases (start-up, data, ...)
     else:
         t_setup, _ = first_line_time(r["lines"], lambda s: s.startswith("computing"))
         row["setup_s"] = t_setup

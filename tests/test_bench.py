@@ -169,3 +169,24 @@ def test_bench_peers_with_peers(checkpoint, tmp_path):
     assert {"ours", "pyhessian", "speedup_ours_vs_pyhessian"} <= set(summary)
     assert summary["pyhessian"]["max_rel_error"] < 5e-2
     assert "| whole process top1 | pyhessian |" in rec["markdown"]
+
+
+def test_bench_facade_replays_pyhessians_trace_rule_as_a_loop_would():
+    """The vectorised replay of PyHessian's trace stopping rule stops where its loop stops."""
+    from bench.bench_facade import pyhessian_rule
+
+    g = torch.Generator().manual_seed(0)
+    draws = 100 + 40 * torch.randn(300, 100, generator=g, dtype=torch.float64)
+    draws[:3] = 7.0  # constant rows: the change after probe 2 is zero
+    draws[3, :2] = torch.tensor([5.0, -20.0])  # mean_2 < 0: the next probe always stops it
+    probes, means = pyhessian_rule(draws, tol=1e-3)
+    for row, k, m in zip(draws.tolist(), probes.tolist(), means.tolist()):
+        prev, total = 0.0, 0.0
+        for n, x in enumerate(row, 1):  # PyHessian 0.1's loop (hessian.trace)
+            total += x
+            mean = total / n
+            if abs(mean - prev) / (prev + 1e-6) < 1e-3:
+                break
+            prev = mean
+        assert (k, m) == (n, pytest.approx(mean, rel=1e-12))
+    assert probes[:4].tolist() == [2, 2, 2, 3] and 2 < float(probes.float().mean()) < 100
