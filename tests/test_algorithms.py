@@ -262,6 +262,17 @@ def test_deflated_trace_auto_reaches_rse_in_fewer_products():
     assert [s.label for s in auto.history].count("deflation") >= auto.deflation["dimension"]
 
 
+def test_auto_deflation_stops_once_the_probes_floor_binds():
+    """When the pilot predicts that min_probes probes reach rse, another Lanczos step could only
+    add a product: the deflation stops there (it used to run three steps past the optimum)."""
+    A = _spiked(seed=2)
+    loose = hutchinson_trace(DenseOperator(A), max_iter=5000, rse=0.2, deflate="auto",
+                             generator=gen(4))
+    assert loose.converged and loose.deflation["dimension"] == 1
+    assert len(loose.samples) == 10 and loose.num_matvecs == 1 + 10  # 8 pilots among the probes
+    assert abs(loose.trace - A.trace().item()) <= 3 * loose.stderr
+
+
 def test_group_shares_sum_to_samples_and_estimate_block_traces():
     A = random_sym(40, seed=9) + torch.diag(torch.linspace(1, 8, 40, dtype=F64))
     groups = [slice(0, 10), torch.arange(10, 25), slice(25, 40)]
