@@ -17,18 +17,21 @@ classifier of a checkpoint, or your own model, data and loss in one file (--prob
 from __future__ import annotations
 
 import os
+import time
 
 # OpenMP threads that spin while waiting make products 10-30x slower on a machine whose cores
 # are shared with other processes (measured: bench/ "threads"); sleeping costs nothing on a
 # quiet one. Set before torch is imported; an OMP_WAIT_POLICY already set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if __name__ == "__main__":  # a cancel while importing: one line, not a traceback
+    FIRST_STATEMENT = time.time()  # the timings' zero if this process was exec'd from another
     from support.cancel import exit_on_cancel_while_starting
 
     exit_on_cancel_while_starting()
+else:
+    FIRST_STATEMENT = None
 
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
@@ -208,7 +211,7 @@ def validate(args) -> Plan:
         print0(f"output: {args.output_dir} (at the end this run's files replace the earlier "
                f"run's {', '.join(earlier)})")
     return Plan(problem=problem, meta=meta, nprocs=n, cuda=bool(gpus),
-                started=utils.process_start_time())
+                started=utils.process_start_time(FIRST_STATEMENT))
 
 
 # ---------------------------------------------------------------------------- every rank

@@ -32,7 +32,8 @@ __all__ = ["PHASES", "attention_line", "describe_device", "describe_setup", "fin
            "timings_line", "write_outputs"]
 
 # The phases of an analysis run (results.json "timings", key -> words of the timing line):
-# startup: from the launching process's start (as the OS records it: the interpreter, imports,
+# startup: from the launching process's start (as the OS records it, or the script's first
+#   statement when the process was exec'd from an earlier one: the interpreter, imports,
 #   parsing, checking the problem, starting the workers) to rank 0's worker start;
 # data: loading the model and this rank's Hessian mini-batches (rank 0);
 # setup_pass: building the operators (the first-order pass over the samples), every curvature;
@@ -43,17 +44,25 @@ PHASES = (("startup", "start-up"), ("data", "data"), ("setup_pass", "set-up pass
           ("products", "products"), ("writing", "writing"))
 
 
-def process_start_time() -> float:
+def process_start_time(first_statement: float | None = None, slack: float = 2.0) -> float:
     """``time.time()`` at this process's start (Linux: /proc/self/stat, 10 ms ticks), or now
-    where that is unknown."""
+    where that is unknown. /proc records when the process was forked: one that was exec'd from an
+    earlier process (the last command of a bash subshell or ``&&`` chain, ``exec python ...``)
+    inherits that earlier start. With ``first_statement`` (``time.time()`` at the script's first
+    statement), a /proc start more than ``slack`` seconds before it is such an inherited one and
+    ``first_statement`` is returned instead (the interpreter's own start, ~0.05 s, is then
+    missed)."""
     try:
         with open("/proc/self/stat") as fh:
             ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
         with open("/proc/uptime") as fh:
             uptime = float(fh.read().split()[0])
     except (OSError, ValueError, IndexError):
-        return time.time()
-    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+        return first_statement if first_statement is not None else time.time()
+    start = time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    if first_statement is not None and start < first_statement - slack:
+        return first_statement
+    return start
 
 
 def finish_timings(timings: dict) -> dict:

@@ -15,6 +15,25 @@ def test_process_start_time_is_before_this_module_ran():
     assert start > IMPORTED_AT - 24 * 3600
 
 
+def test_process_start_time_of_a_process_execed_from_an_earlier_one():
+    """bash runs the last command of a subshell or && chain by exec: /proc then gives the
+    subshell's start. The script's first statement replaces it when it is seconds earlier."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import time; t = time.time(); import utils; "
+            "print(t - utils.process_start_time(), t - utils.process_start_time(t))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for cmd, inherited in ((f"sleep 3; exec {sys.executable} -c '{code}'", True),
+                           (f"{sys.executable} -c '{code}'", False)):
+        out = subprocess.run(["bash", "-c", cmd], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.split()
+        raw, fixed = map(float, out)
+        assert (raw > 2.5) == inherited, (cmd, raw)   # /proc: the fork's time
+        assert 0 <= fixed < 2.0, (cmd, fixed)        # the run's own start
+
+
 def test_finish_timings_and_the_line():
     timings = {"process_start": time.time() - 10.0, "startup": 2.0, "data": 0.5,
                "setup_pass": 1.25, "products": 5.0, "writing": 0.75}
