@@ -32,6 +32,9 @@ def test_only_the_library_is_installed(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                           text=True, env={k: v for k, v in os.environ.items()
                                           if k != "PYTHONPATH"})
+    assert proc.returncode == 0, ("the installed pyhessian_dist cannot be imported from another "
+                                  "folder (is pip's editable install of it this checkout? "
+                                  f"`pip install -e .`): {proc.stderr[-400:]}")
     found = json.loads(proc.stdout)
     assert found["pyhessian_dist"] and found["pyhessian_dist.operators"]
     assert not any(found[n] for n in names[2:]), found
