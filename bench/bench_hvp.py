@@ -14,7 +14,8 @@ Sections (``--sections a,b,...``; default all):
                  OMP_WAIT_POLICY=PASSIVE, in fresh processes (--threads-samples samples; run it
                  on a busy machine too: spinning threads are slow when the cores are shared)
   compile        torch.compile of the forward-over-reverse product (a local variant)
-  channels_last  the same products with the model and data in channels_last (a local variant)
+  conv           one HVP with the convolutions' double backward as torch runs it, fused
+                 (operators/conv.py) and fused + channels-last (the library's CPU default)
   eigen          top-1 / top-5: Lanczos vs power iteration, against a tightly converged Lanczos
   trace          to a relative standard error of --trace-rse: plain Hutchinson vs deflated
                  (deflate="auto") vs Hutch++, against a long plain Hutchinson run
@@ -27,6 +28,7 @@ Sections (``--sections a,b,...``; default all):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -61,7 +63,6 @@ from bench.common import (
     timed,
 )
 from pyhessian_dist import (
-    HessianOperator,
     hutchinson_trace,
     hutchpp_trace,
     lanczos_eigenpairs,
@@ -70,7 +71,7 @@ from pyhessian_dist import (
 )
 from support.launch import launch
 
-SECTIONS = ("products", "threads", "compile", "channels_last", "eigen", "trace", "slq",
+SECTIONS = ("products", "threads", "compile", "conv", "eigen", "trace", "slq",
             "scaling", "memory")
 
 
@@ -291,47 +292,53 @@ def _break_even(first, steady, eager):
     return None if gain <= 0 else math.ceil(max(0.0, first - eager) / gain)
 
 
-# ============================================================================ channels_last
-def bench_channels_last(args, problem):
-    """Gradient and HVP with the model and inputs in channels_last vs the default layout (both
-    built first, then timed in turn)."""
-    cl = torch.channels_last
-    layouts = {"contiguous": (problem.model_copy(), problem.batches),
-               "channels_last": (problem.model_copy().to(memory_format=cl),
-                                 [(x.contiguous(memory_format=cl), y)
-                                  for x, y in problem.batches])}
+# ============================================================================ conv
+def bench_conv(args, problem):
+    """One HVP through kept first-order graphs built three ways, timed in turn: with torch's
+    double backward of the convolutions (the library before ``operators/conv.py``), with the
+    fused one in the plain layout, and fused with channels-last (the library's default on the
+    CPU; ``HessianOperator`` builds its graphs under ``_second_order_graph``)."""
+    from pyhessian_dist.attention import math_attention
+    from pyhessian_dist.operators.hessian import _EvalBatchNormAsAffine, _second_order_graph
+
+    @contextlib.contextmanager
+    def torch_conv():  # _second_order_graph without the convolution mode
+        with math_attention(), _EvalBatchNormAsAffine():
+            yield
+
+    variants = {"torch": torch_conv,
+                "fused": lambda: _second_order_graph(channels_last=False),
+                "fused+channels_last": lambda: _second_order_graph(channels_last=True)}
+    model = problem.model_copy().eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    n = sum(len(y) for _x, y in problem.batches)
     v = torch.randn(problem.dim, generator=generator(0))
-    fns, out = {}, {k: {} for k in layouts}
-    for layout, (model, batches) in layouts.items():
-        params = [p for p in model.parameters() if p.requires_grad]
-        n = sum(len(y) for _x, y in batches)
+    parts = [t.view_as(p) for t, p in zip(torch.split(v, [p.numel() for p in params]), params)]
+    fns, out, products = {}, {}, {}
+    for name, context in variants.items():
+        with context():
+            graphs = [torch.autograd.grad(CE(model(x), y) * (len(y) / n), params,
+                                          create_graph=True) for x, y in problem.batches]
 
-        def gradient(model=model, params=params, batches=batches, n=n):
-            for x, y in batches:
-                torch.autograd.grad(CE(model(x), y) * (len(y) / n), params)
+        def product(graphs=graphs):
+            hv = [torch.zeros_like(p) for p in params]
+            for g in graphs:
+                for acc, t in zip(hv, torch.autograd.grad(g, params, grad_outputs=parts,
+                                                          retain_graph=True)):
+                    acc += t
+            return torch.cat([t.flatten() for t in hv])
 
-        fns[(layout, "gradient")] = gradient
-        for name, reuse in (("double_backward+reuse", True), ("double_backward", False)):
-            op = HessianOperator(model, CE, batches, reuse_graph=reuse)
-            fns[(layout, name)] = lambda op=op: op.matvec(v)
-            hv = op.matvec(v)
-            if layout == "contiguous":
-                out[layout][f"{name}_product"] = hv
-            else:
-                ref = out["contiguous"].pop(f"{name}_product")
-                out["relative_difference_" + name] = float((hv - ref).norm() / ref.norm())
-    kinds = ("gradient", "double_backward+reuse", "double_backward")
-    for kind in kinds:
-        t = time_interleaved({layout: fns[(layout, kind)] for layout in layouts}, args.repeats)
-        for layout in layouts:
-            out[layout][kind] = t[layout]
-    for layout in layouts:
-        row = out[layout]
-        say(f"{layout}: gradient {row['gradient']['median_s']:.3f} s, HVP reuse "
-            f"{row['double_backward+reuse']['median_s']:.3f} s, recompute "
-            f"{row['double_backward']['median_s']:.3f} s")
-    out["speedup"] = {k: out["contiguous"][k]["median_s"] / out["channels_last"][k]["median_s"]
-                      for k in kinds}
+        fns[name] = product
+        products[name] = product()
+    ref = products["torch"]
+    t = time_interleaved(fns, args.repeats)
+    for name in variants:
+        out[name] = {**t[name], "relative_difference": float((products[name] - ref).norm()
+                                                             / ref.norm()),
+                     "speedup": t["torch"]["median_s"] / t[name]["median_s"]}
+        say(f"HVP, convolutions {name}: {t[name]['median_s']:.3f} s "
+            f"({out[name]['speedup']:.2f}x torch's; relative difference "
+            f"{out[name]['relative_difference']:.1e})")
     return out
 
 
@@ -590,7 +597,7 @@ def _rows_threads(rec, rows) -> None:
                          f"{th['load_average_before'][0]:.1f}"))
 
 def _rows_variants(rec, rows) -> None:
-    """Table rows: torch.compile and channels_last."""
+    """Table rows: torch.compile, channels_last (older records) and the conv section."""
     c = rec.get("compile")
     if c and "eager" in c:
         d = c.get("default", {})
@@ -603,11 +610,18 @@ def _rows_variants(rec, rows) -> None:
                          f"{d['speedup_vs_eager']:.2f}x eager, "
                          f"{d['speedup_vs_double_backward_reuse']:.2f}x double backward+reuse; "
                          f"compile {d['first_call_s']:.0f} s"))
-    cl = rec.get("channels_last")
+    cl = rec.get("channels_last")  # records before operators/conv.py
     if cl and "speedup" in cl:
         rows.append(("channels_last speed-up: gradient / HVP reuse / recompute",
                      " / ".join(f"{cl['speedup'][k]:.2f}x" for k in (
                          "gradient", "double_backward+reuse", "double_backward")), ""))
+    conv = rec.get("conv")
+    if conv and "torch" in conv:
+        rows.append(("HVP, convolutions torch's / fused / fused + channels-last",
+                     " / ".join(f"{conv[k]['median_s']:.3f} s" for k in (
+                         "torch", "fused", "fused+channels_last")),
+                     f"{conv['fused+channels_last']['speedup']:.2f}x"))
+
 
 def _rows_eigen(rec, rows) -> None:
     """Table rows: top-1 / top-5, Lanczos vs power iteration."""
@@ -743,7 +757,7 @@ def main(argv=None):
     run = {"products": lambda: bench_products(args, problem),
            "threads": lambda: bench_threads(args, problem),
            "compile": lambda: bench_compile(args, problem),
-           "channels_last": lambda: bench_channels_last(args, problem),
+           "conv": lambda: bench_conv(args, problem),
            "eigen": lambda: bench_eigen(args, problem, record),
            "trace": lambda: bench_trace(args, problem, record),
            "slq": lambda: bench_slq(args, problem, record),
