@@ -399,7 +399,9 @@ def test_no_bn_default_recipe_trains_where_the_original_diverges(tmp_path, capsy
                                                                  small_synthetic):
     # ResNet20 without BatchNorm at the original's lr 0.1 (batch 32, 63 steps an epoch): the
     # original recipe diverges in the first epoch; the default recipe (warm-up + clipping)
-    # trains. Measured: 17% test accuracy after epoch 1 (warm-up to lr 0.05), 2000 images.
+    # trains through the warm-up and on at lr 0.1. Measured on 2000 images: test accuracy 17%
+    # after epoch 1 on one machine, 10.2% / 14.0% / 38.0% after epochs 1 / 2 / 3 on another of
+    # the same kind (float rounding differs between CPUs), so the test trains 3 epochs.
     no_bn = FAST + ["--depth", "20", "--no-batch-norm", "--batch-size", "32"]
     rc = training.main(no_bn + ["--epochs", "1", "--warmup-epochs", "0", "--clip-grad-norm", "0",
                                 "--saving-folder", str(tmp_path / "a")])
@@ -408,11 +410,12 @@ def test_no_bn_default_recipe_trains_where_the_original_diverges(tmp_path, capsy
     assert err[0].startswith("error: training diverged in epoch 1") and "--lr" in err[0]
     assert "--clip-grad-norm 1" in err[0] and "--warmup-epochs 2" in err[0]
     assert not (tmp_path / "a" / "net.pkl").exists()  # nothing from the diverged epoch
-    rc = training.main(no_bn + ["--epochs", "1", "--saving-folder", str(tmp_path / "b")])
+    rc = training.main(no_bn + ["--epochs", "3", "--saving-folder", str(tmp_path / "b")])
     out = capsys.readouterr().out
     assert rc == 0, out
     lines = [EPOCH_LINE.match(l) for l in out.splitlines() if l.startswith("epoch ")]
-    assert len(lines) == 1 and lines[0] and float(lines[0].group(3)) > 12.0, out
+    assert len(lines) == 3 and all(lines), out
+    assert float(lines[-1].group(3)) > 20.0, out  # chance is 10%
     assert "warm-up 2 epoch(s), gradient clipping 1.0" in out
 
 
