@@ -309,7 +309,7 @@ def bench_conv(args, problem):
     variants = {"torch": torch_conv,
                 "fused": lambda: _second_order_graph(channels_last=False),
                 "fused+channels_last": lambda: _second_order_graph(channels_last=True)}
-    model = problem.model_copy().eval()
+    model = problem.model_copy()
     params = [p for p in model.parameters() if p.requires_grad]
     n = sum(len(y) for _x, y in problem.batches)
     v = torch.randn(problem.dim, generator=generator(0))

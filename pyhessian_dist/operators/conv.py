@@ -39,9 +39,9 @@ _DIMS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
 
-def _conv(x, w, conf):
+def _conv(x, w, conf, bias=None):
     stride, padding, dilation, groups = conf
-    return torch.convolution(x, w, None, stride, padding, dilation, False,
+    return torch.convolution(x, w, bias, stride, padding, dilation, False,
                              [0] * len(stride), groups)
 
 
@@ -101,9 +101,7 @@ class _Conv(torch.autograd.Function):
 
     @staticmethod
     def forward(a, w, b, conf):
-        stride, padding, dilation, groups = conf
-        return torch.convolution(a, w, b, stride, padding, dilation, False, [0] * len(stride),
-                                 groups)
+        return _conv(a, w, conf, b)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
